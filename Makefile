@@ -1,0 +1,29 @@
+# inferd: the two commands a newcomer needs are `make serve` and `make test`.
+# Everything CI runs is `make test`; .ci/run calls nothing else.
+
+CARGO ?= cargo
+# Benchmarks build for this CPU in their own target dir, so the portable
+# build in target/ is never overwritten by a native one.
+NATIVE_TARGET_DIR ?= target/native
+
+.PHONY: test fmt-check clippy unit bench fmt
+
+## test: everything CI runs (format check, clippy with warnings denied, all tests)
+test: fmt-check clippy unit
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --locked
+
+## bench: the criterion suites, built with -C target-cpu=native
+bench:
+	RUSTFLAGS="-C target-cpu=native" $(CARGO) bench -p inferd-benches --target-dir $(NATIVE_TARGET_DIR)
+
+## fmt: format the whole workspace
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,20 @@
+//! Continuous batching in the style of vLLM v1: every step has one token
+//! budget shared by running and waiting sequences, with no prefill or decode
+//! phases. Chunked prefill falls out of `min(remaining, budget)`, prefix-cache
+//! hits count as computed tokens, and a step that runs out of KV blocks
+//! preempts the most recently admitted sequence by recompute.
+//!
+//! The scheduler knows tokens, blocks and budgets, never a tensor.
+
+mod config;
+mod error;
+mod output;
+mod scheduler;
+mod sequence;
+mod waiting;
+
+pub use config::{SchedulerConfig, ShapeBuckets};
+pub use error::SchedError;
+pub use output::{NewSeq, PaddedShape, RunningSeq, SchedulerOutput, SeqUpdate};
+pub use scheduler::{Scheduler, SchedulerStats};
+pub use sequence::{SeqStatus, Sequence, SequenceRequest};

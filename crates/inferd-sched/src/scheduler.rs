@@ -1,0 +1,292 @@
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use inferd_core::{FinishReason, RequestId, TokenId};
+use inferd_kv::{BlockPool, PoolStats, blocks_for};
+
+use crate::waiting::WaitingQueue;
+use crate::{
+    NewSeq, PaddedShape, RunningSeq, SchedError, SchedulerConfig, SchedulerOutput, SeqStatus, SeqUpdate,
+    Sequence, SequenceRequest,
+};
+
+/// Request ids are already unique integers: mix them once instead of SipHash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type SeqMap = HashMap<RequestId, Sequence, BuildHasherDefault<IdHasher>>;
+
+/// A snapshot of the scheduler's state for stats and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub num_running: usize,
+    pub num_waiting: usize,
+    pub num_preemptions: u64,
+    pub kv: PoolStats,
+}
+
+/// Owns the sequences, their KV blocks and the waiting and running queues.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    pool: BlockPool,
+    seqs: SeqMap,
+    waiting: WaitingQueue,
+    /// Running sequences in admission order; the last is preempted first.
+    running: Vec<RequestId>,
+    finished_since_last_step: Vec<RequestId>,
+    next_arrival_seq: u64,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    /// A scheduler over a fresh block pool sized by `config`.
+    pub fn new(config: SchedulerConfig) -> Result<Self, SchedError> {
+        config.validate()?;
+        Ok(Scheduler {
+            pool: BlockPool::new(config.num_blocks, config.block_size),
+            config,
+            seqs: SeqMap::default(),
+            waiting: WaitingQueue::default(),
+            running: Vec::new(),
+            finished_since_last_step: Vec::new(),
+            next_arrival_seq: 0,
+            num_preemptions: 0,
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// The sequence with this id, if it is waiting or running.
+    pub fn get(&self, id: RequestId) -> Option<&Sequence> {
+        self.seqs.get(&id)
+    }
+
+    /// True while any sequence waits or runs.
+    pub fn has_work(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            num_running: self.running.len(),
+            num_waiting: self.waiting.len(),
+            num_preemptions: self.num_preemptions,
+            kv: self.pool.stats(),
+        }
+    }
+
+    /// Queues a new sequence. Refuses one that could never run: an empty
+    /// prompt, one longer than the context, or one the whole cache cannot hold.
+    pub fn add(&mut self, req: SequenceRequest) -> Result<(), SchedError> {
+        if req.prompt.is_empty() {
+            return Err(SchedError::EmptyPrompt);
+        }
+        if self.seqs.contains_key(&req.id) {
+            return Err(SchedError::DuplicateId(req.id));
+        }
+        let max_tokens = req.params.max_tokens as usize;
+        let max_len = req.prompt.len() + max_tokens;
+        if req.prompt.len() >= self.config.max_model_len || max_len > self.config.max_model_len {
+            return Err(SchedError::TooLong {
+                prompt_tokens: req.prompt.len(),
+                max_tokens,
+                max_model_len: self.config.max_model_len,
+            });
+        }
+        // The last sampled token never needs KV, hence `max_len - 1`.
+        let needed = blocks_for(max_len - 1, self.config.block_size);
+        if needed > self.config.num_blocks {
+            return Err(SchedError::NeverFits { needed, total: self.config.num_blocks });
+        }
+        let seq = Sequence::new(req, self.next_arrival_seq);
+        self.next_arrival_seq += 1;
+        self.waiting.push(&seq);
+        self.seqs.insert(seq.id, seq);
+        Ok(())
+    }
+
+    /// Ends a waiting or running sequence now and frees its blocks. Returns
+    /// the sequence, or `None` if it is not here (already finished).
+    pub fn abort(&mut self, id: RequestId, reason: FinishReason) -> Option<Sequence> {
+        let mut seq = self.seqs.remove(&id)?;
+        if !self.waiting.remove(&seq) {
+            self.running.retain(|&r| r != id);
+        }
+        self.pool.release(&mut seq.block_table);
+        seq.status = SeqStatus::Finished(reason);
+        self.finished_since_last_step.push(id);
+        Some(seq)
+    }
+
+    /// Plans one step: running sequences first, then waiting ones, within one
+    /// token budget and the batch limit.
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        let mut out = SchedulerOutput {
+            finished_ids: std::mem::take(&mut self.finished_since_last_step),
+            ..Default::default()
+        };
+        let mut budget = self.config.token_budget();
+        self.schedule_running(&mut budget, &mut out);
+        if out.preempted_ids.is_empty() {
+            self.schedule_waiting(&mut budget, &mut out);
+        }
+        out.num_scheduled_tokens = self.config.token_budget() - budget;
+        out.padded_shape = self.config.shape_buckets.as_ref().and_then(|b| {
+            Some(PaddedShape {
+                batch: b.batch_bucket(out.num_seqs())?,
+                tokens: b.token_bucket(out.num_scheduled_tokens)?,
+            })
+        });
+        out
+    }
+
+    fn schedule_running(&mut self, budget: &mut usize, out: &mut SchedulerOutput) {
+        let mut i = 0;
+        while i < self.running.len() && *budget > 0 {
+            let id = self.running[i];
+            let seq = &self.seqs[&id];
+            let num_new = seq.num_uncomputed().min(*budget);
+            let target = seq.num_computed_tokens + num_new;
+            let old_len = seq.block_table.len();
+            // Make room by preempting from the back until this one fits.
+            loop {
+                let table = &mut self.seqs.get_mut(&id).expect("running ids are in the map").block_table;
+                if self.pool.grow(table, target).is_ok() {
+                    break;
+                }
+                let victim = self.running.pop().expect("the current sequence is running");
+                self.preempt(victim, out);
+                if victim == id {
+                    return;
+                }
+            }
+            let seq = &self.seqs[&id];
+            out.running_seqs.push(RunningSeq {
+                id,
+                new_block_ids: seq.block_table.blocks()[old_len..].to_vec(),
+                num_computed_tokens: seq.num_computed_tokens,
+                num_scheduled_tokens: num_new,
+            });
+            *budget -= num_new;
+            i += 1;
+        }
+    }
+
+    fn preempt(&mut self, id: RequestId, out: &mut SchedulerOutput) {
+        let seq = self.seqs.get_mut(&id).expect("preempted ids are in the map");
+        self.pool.release(&mut seq.block_table);
+        seq.num_computed_tokens = 0;
+        seq.status = SeqStatus::Preempted;
+        seq.num_preemptions += 1;
+        self.waiting.push(seq);
+        self.num_preemptions += 1;
+        out.preempted_ids.push(id);
+    }
+
+    fn schedule_waiting(&mut self, budget: &mut usize, out: &mut SchedulerOutput) {
+        let seq_limit = self.config.seq_limit();
+        while *budget > 0 && self.running.len() < seq_limit {
+            let Some(id) = self.waiting.front() else { break };
+            let seq = self.seqs.get_mut(&id).expect("waiting ids are in the map");
+            let mut hit = 0;
+            if self.config.enable_prefix_caching {
+                // At least the last token is computed, to produce its logits.
+                let (table, tokens) = seq.table_and_tokens();
+                hit = self.pool.match_prefix(table, &tokens[..tokens.len() - 1]);
+                seq.num_computed_tokens = hit;
+            }
+            let num_new = seq.num_uncomputed().min(*budget);
+            if self.pool.grow(&mut seq.block_table, seq.num_computed_tokens + num_new).is_err() {
+                self.pool.release(&mut seq.block_table);
+                seq.num_computed_tokens = 0;
+                break;
+            }
+            self.waiting.pop_front();
+            let first_time = seq.status == SeqStatus::Waiting;
+            if first_time {
+                seq.num_cached_tokens = hit.min(seq.prompt().len());
+            }
+            seq.status = SeqStatus::Running;
+            out.new_seqs.push(NewSeq {
+                id,
+                token_ids: seq.tokens().to_vec(),
+                block_ids: seq.block_table.blocks().to_vec(),
+                num_computed_tokens: seq.num_computed_tokens,
+                num_scheduled_tokens: num_new,
+                params: seq.params.clone(),
+                first_time,
+            });
+            self.running.push(id);
+            *budget -= num_new;
+        }
+    }
+
+    /// Applies a step's results: advances computed tokens, appends the
+    /// sampled token of each sequence whose scheduled tokens reached its end,
+    /// registers full blocks in the prefix cache and retires finished
+    /// sequences. `sampled` follows the batch order of `output`; entries for
+    /// prefill chunks that did not reach the end are ignored.
+    pub fn update(
+        &mut self,
+        output: &SchedulerOutput,
+        sampled: &[Option<TokenId>],
+    ) -> Result<Vec<SeqUpdate>, SchedError> {
+        if sampled.len() != output.num_seqs() {
+            return Err(SchedError::SampleCount { got: sampled.len(), expected: output.num_seqs() });
+        }
+        let mut updates = Vec::with_capacity(sampled.len());
+        let mut any_finished = false;
+        for ((id, num_scheduled), &token) in output.batch().zip(sampled) {
+            // Aborted between schedule() and update(): nothing to apply.
+            let Some(seq) = self.seqs.get_mut(&id) else { continue };
+            seq.num_computed_tokens += num_scheduled;
+            if self.config.enable_prefix_caching {
+                let num_computed = seq.num_computed_tokens;
+                let (table, tokens) = seq.table_and_tokens();
+                self.pool.commit_full_blocks(table, tokens, num_computed);
+            }
+            let mut update = SeqUpdate { id, token: None, finished: None, usage: seq.usage() };
+            if seq.num_uncomputed() == 0 {
+                let token = token.ok_or(SchedError::MissingSample(id))?;
+                seq.push_token(token);
+                update.token = Some(token);
+                update.finished = seq.check_finished(&self.config.eos_token_ids, self.config.max_model_len);
+                update.usage = seq.usage();
+            }
+            if let Some(reason) = update.finished {
+                any_finished = true;
+                seq.status = SeqStatus::Finished(reason);
+                self.pool.release(&mut seq.block_table);
+                self.seqs.remove(&id);
+                self.finished_since_last_step.push(id);
+            }
+            updates.push(update);
+        }
+        if any_finished {
+            let seqs = &self.seqs;
+            self.running.retain(|id| seqs.contains_key(id));
+        }
+        Ok(updates)
+    }
+}
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

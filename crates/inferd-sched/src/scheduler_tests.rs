@@ -1,0 +1,305 @@
+use std::sync::Arc;
+use std::time::Instant;
+
+use inferd_core::{FinishReason, RequestId, SamplingParams, TokenId};
+
+use crate::{
+    SchedError, Scheduler, SchedulerConfig, SchedulerOutput, SeqUpdate, SequenceRequest, ShapeBuckets,
+};
+
+const EOS: TokenId = 2;
+
+fn config() -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+        max_model_len: 256,
+        block_size: 4,
+        num_blocks: 64,
+        enable_prefix_caching: true,
+        eos_token_ids: vec![EOS],
+        shape_buckets: None,
+    }
+}
+
+fn params(max_tokens: u32) -> SamplingParams {
+    SamplingParams { max_tokens, ..Default::default() }
+}
+
+fn req(id: u64, prompt: Vec<TokenId>, params: SamplingParams) -> SequenceRequest {
+    SequenceRequest {
+        id: RequestId(id),
+        prompt,
+        params: Arc::new(params),
+        priority: 0,
+        arrival: Instant::now(),
+    }
+}
+
+fn prompt(len: usize, start: u32) -> Vec<TokenId> {
+    (start..start + len as u32).map(|t| 100 + t).collect()
+}
+
+/// Runs one step, sampling `token` for every sequence.
+fn step(s: &mut Scheduler, token: TokenId) -> (SchedulerOutput, Vec<SeqUpdate>) {
+    let out = s.schedule();
+    let sampled = vec![Some(token); out.num_seqs()];
+    let updates = s.update(&out, &sampled).unwrap();
+    (out, updates)
+}
+
+#[test]
+fn add_refuses_requests_that_can_never_run() {
+    let mut s = Scheduler::new(config()).unwrap();
+    assert_eq!(s.add(req(1, vec![], params(4))), Err(SchedError::EmptyPrompt));
+    let err = s.add(req(1, prompt(250, 0), params(10))).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "this model's maximum context length is 256 tokens, but the prompt has 250 tokens and max_tokens is 10"
+    );
+    s.add(req(1, prompt(4, 0), params(4))).unwrap();
+    assert_eq!(s.add(req(1, prompt(4, 0), params(4))), Err(SchedError::DuplicateId(RequestId(1))));
+    let mut small = Scheduler::new(SchedulerConfig { num_blocks: 2, ..config() }).unwrap();
+    assert_eq!(
+        small.add(req(2, prompt(8, 0), params(4))),
+        Err(SchedError::NeverFits { needed: 3, total: 2 })
+    );
+}
+
+#[test]
+fn long_prompt_is_prefilled_in_chunks_and_samples_only_at_the_end() {
+    let mut s = Scheduler::new(SchedulerConfig { max_num_batched_tokens: 32, ..config() }).unwrap();
+    s.add(req(1, prompt(100, 0), params(3))).unwrap();
+    let mut chunks = Vec::new();
+    let mut tokens_seen = Vec::new();
+    for _ in 0..4 {
+        let (out, updates) = step(&mut s, 7);
+        chunks.push(out.num_scheduled_tokens);
+        tokens_seen.push(updates[0].token);
+    }
+    assert_eq!(chunks, [32, 32, 32, 4]);
+    assert_eq!(tokens_seen, [None, None, None, Some(7)]);
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(out.num_scheduled_tokens, 1, "decode schedules one token");
+}
+
+#[test]
+fn running_sequences_take_the_budget_before_waiting_ones() {
+    let mut s = Scheduler::new(SchedulerConfig { max_num_batched_tokens: 10, ..config() }).unwrap();
+    s.add(req(1, prompt(8, 0), params(10))).unwrap();
+    step(&mut s, 7); // 1 prefills fully
+    s.add(req(2, prompt(20, 50), params(10))).unwrap();
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(out.running_seqs.len(), 1);
+    assert_eq!(out.running_seqs[0].num_scheduled_tokens, 1);
+    assert_eq!(out.new_seqs[0].num_scheduled_tokens, 9, "the waiting one gets what is left");
+    assert_eq!(out.num_scheduled_tokens, 10);
+}
+
+#[test]
+fn new_sequences_carry_full_data_and_running_ones_only_changes() {
+    let mut s = Scheduler::new(config()).unwrap();
+    s.add(req(1, prompt(7, 0), params(10))).unwrap();
+    let (first, _) = step(&mut s, 7);
+    assert_eq!(first.new_seqs.len(), 1);
+    let new = &first.new_seqs[0];
+    assert_eq!(new.token_ids, prompt(7, 0));
+    assert_eq!(new.block_ids.len(), 2);
+    assert!(new.first_time);
+    // 8 tokens now: the next decode fills block 2 without a new block.
+    let (second, _) = step(&mut s, 7);
+    assert!(second.new_seqs.is_empty());
+    assert_eq!(second.running_seqs[0].num_computed_tokens, 7);
+    assert!(second.running_seqs[0].new_block_ids.is_empty());
+    // The 9th token needs a third block.
+    let (third, _) = step(&mut s, 7);
+    assert_eq!(third.running_seqs[0].new_block_ids.len(), 1);
+}
+
+#[test]
+fn prefix_cache_hits_count_as_computed_tokens() {
+    let mut s = Scheduler::new(config()).unwrap();
+    let shared = prompt(12, 0);
+    s.add(req(1, shared.clone(), params(1))).unwrap();
+    let (_, updates) = step(&mut s, 7);
+    assert_eq!(updates[0].finished, Some(FinishReason::Length));
+    let mut longer = shared.clone();
+    longer.extend(prompt(3, 90));
+    s.add(req(2, longer, params(1))).unwrap();
+    let (out, updates) = step(&mut s, 7);
+    assert_eq!(out.new_seqs[0].num_computed_tokens, 12);
+    assert_eq!(out.new_seqs[0].num_scheduled_tokens, 3);
+    assert_eq!(updates[0].usage.cached_prompt_tokens, 12);
+    // A fully cached prompt still computes its last token.
+    s.add(req(3, shared, params(1))).unwrap();
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(out.new_seqs[0].num_computed_tokens, 8);
+    assert_eq!(out.new_seqs[0].num_scheduled_tokens, 4);
+    let stats = s.stats().kv;
+    assert!(stats.prefix_hit_tokens >= 20);
+}
+
+#[test]
+fn out_of_blocks_preempts_the_most_recent_by_recompute() {
+    // 6 blocks of 4 tokens: two 8-token prompts take 4 blocks; growth evicts.
+    let mut s =
+        Scheduler::new(SchedulerConfig { num_blocks: 6, enable_prefix_caching: false, ..config() }).unwrap();
+    s.add(req(1, prompt(8, 0), params(12))).unwrap();
+    s.add(req(2, prompt(8, 50), params(12))).unwrap();
+    step(&mut s, 7); // both prefill; 2 blocks each
+    let mut preempted = None;
+    for _ in 0..8 {
+        let (out, _) = step(&mut s, 7);
+        if !out.preempted_ids.is_empty() {
+            preempted = Some(out);
+            break;
+        }
+    }
+    let out = preempted.expect("growth must preempt");
+    assert_eq!(out.preempted_ids, [RequestId(2)], "the most recently admitted goes");
+    assert_eq!(out.running_seqs.len(), 1);
+    assert!(out.new_seqs.is_empty(), "no admission in a step that preempted");
+    let victim = s.get(RequestId(2)).unwrap();
+    assert!(victim.block_table.is_empty());
+    assert_eq!(victim.num_computed_tokens, 0);
+    let generated = victim.output().to_vec();
+    assert!(!generated.is_empty());
+    // Run 1 to completion; 2 comes back as a new sequence with its output.
+    let mut resumed = None;
+    for _ in 0..20 {
+        let (out, _) = step(&mut s, 7);
+        if let Some(new) = out.new_seqs.iter().find(|n| n.id == RequestId(2)) {
+            resumed = Some(new.clone());
+            break;
+        }
+    }
+    let resumed = resumed.expect("preempted sequence must resume");
+    assert!(!resumed.first_time);
+    assert_eq!(resumed.token_ids.len(), 8 + generated.len());
+}
+
+#[test]
+fn preempted_sequence_goes_back_to_the_front_of_the_queue() {
+    let mut s =
+        Scheduler::new(SchedulerConfig { num_blocks: 6, enable_prefix_caching: false, ..config() }).unwrap();
+    s.add(req(1, prompt(8, 0), params(12))).unwrap();
+    s.add(req(2, prompt(8, 50), params(12))).unwrap();
+    step(&mut s, 7);
+    s.add(req(3, prompt(4, 80), params(1))).unwrap();
+    loop {
+        let (out, _) = step(&mut s, 7);
+        if !out.preempted_ids.is_empty() {
+            break;
+        }
+    }
+    // 2 arrived before 3, so it is admitted first when room returns.
+    let mut order = Vec::new();
+    for _ in 0..30 {
+        let (out, _) = step(&mut s, 7);
+        order.extend(out.new_seqs.iter().map(|n| n.id));
+    }
+    assert_eq!(order.first(), Some(&RequestId(2)));
+}
+
+#[test]
+fn finishes_on_eos_stop_ids_and_max_tokens_but_never_before_min_tokens() {
+    let mut s = Scheduler::new(config()).unwrap();
+    s.add(req(1, prompt(4, 0), params(5))).unwrap();
+    s.add(req(2, prompt(4, 0), SamplingParams { stop_token_ids: vec![9], ..params(5) })).unwrap();
+    s.add(req(3, prompt(4, 0), SamplingParams { min_tokens: 2, ..params(5) })).unwrap();
+    s.add(req(4, prompt(4, 0), SamplingParams { ignore_eos: true, ..params(3) })).unwrap();
+    let out = s.schedule();
+    let updates = s.update(&out, &[Some(EOS), Some(9), Some(EOS), Some(EOS)]).unwrap();
+    let finished: Vec<_> = updates.iter().map(|u| u.finished).collect();
+    assert_eq!(finished, [Some(FinishReason::Stop), Some(FinishReason::Stop), None, None]);
+    let (_, updates) = step(&mut s, EOS);
+    assert_eq!(updates[0].finished, Some(FinishReason::Stop), "min_tokens reached");
+    assert_eq!(updates[1].finished, None, "ignore_eos");
+    let (_, updates) = step(&mut s, EOS);
+    assert_eq!(updates[0].finished, Some(FinishReason::Length));
+    assert_eq!(updates[0].usage.completion_tokens, 3);
+    assert!(!s.has_work());
+}
+
+#[test]
+fn max_model_len_ends_a_sequence_with_length() {
+    let mut s = Scheduler::new(SchedulerConfig { max_model_len: 10, ..config() }).unwrap();
+    s.add(req(1, prompt(6, 0), params(4))).unwrap();
+    let mut last = None;
+    for _ in 0..4 {
+        let (_, updates) = step(&mut s, 7);
+        last = updates[0].finished;
+    }
+    assert_eq!(last, Some(FinishReason::Length));
+    assert!(!s.has_work());
+}
+
+#[test]
+fn finished_and_aborted_sequences_free_blocks_and_keep_full_blocks_cached() {
+    let mut s = Scheduler::new(config()).unwrap();
+    s.add(req(1, prompt(9, 0), params(1))).unwrap();
+    s.add(req(2, prompt(9, 30), params(50))).unwrap();
+    step(&mut s, 7);
+    assert!(s.abort(RequestId(2), FinishReason::Abort).is_some());
+    assert!(s.abort(RequestId(2), FinishReason::Abort).is_none());
+    let stats = s.stats();
+    assert_eq!(stats.kv.free, stats.kv.num_blocks);
+    assert_eq!(stats.kv.cached, 4, "two full blocks of each prompt stay cached");
+    let out = s.schedule();
+    assert_eq!(out.finished_ids, [RequestId(1), RequestId(2)]);
+    assert!(s.schedule().finished_ids.is_empty(), "reported once");
+}
+
+#[test]
+fn aborting_a_waiting_sequence_removes_it_from_the_queue() {
+    let mut s = Scheduler::new(config()).unwrap();
+    s.add(req(1, prompt(4, 0), params(4))).unwrap();
+    s.abort(RequestId(1), FinishReason::Abort).unwrap();
+    assert_eq!(s.stats().num_waiting, 0);
+    assert!(s.schedule().is_empty());
+}
+
+#[test]
+fn running_is_capped_at_max_num_seqs() {
+    let mut s = Scheduler::new(SchedulerConfig { max_num_seqs: 3, ..config() }).unwrap();
+    for id in 0..5 {
+        s.add(req(id, prompt(2, id as u32 * 10), params(10))).unwrap();
+    }
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(out.num_seqs(), 3);
+    assert_eq!(s.stats().num_waiting, 2);
+}
+
+#[test]
+fn higher_priority_waits_less() {
+    let mut s = Scheduler::new(SchedulerConfig { max_num_seqs: 1, ..config() }).unwrap();
+    s.add(req(1, prompt(2, 0), params(1))).unwrap();
+    s.add(SequenceRequest { priority: 5, ..req(2, prompt(2, 10), params(1)) }).unwrap();
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(out.new_seqs[0].id, RequestId(2));
+}
+
+#[test]
+fn shape_buckets_bound_the_step_and_report_its_padding() {
+    let buckets = ShapeBuckets { batch_sizes: vec![1, 2, 4], token_counts: vec![8, 16] };
+    let mut s = Scheduler::new(SchedulerConfig { shape_buckets: Some(buckets), ..config() }).unwrap();
+    for id in 0..6 {
+        s.add(req(id, prompt(3, id as u32 * 10), params(4))).unwrap();
+    }
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(out.num_seqs(), 4, "within the largest batch bucket");
+    assert_eq!(out.num_scheduled_tokens, 12);
+    assert_eq!(out.padded_shape.map(|p| (p.batch, p.tokens)), Some((4, 16)));
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(out.num_scheduled_tokens, 4);
+    assert_eq!(out.padded_shape.map(|p| (p.batch, p.tokens)), Some((4, 8)));
+}
+
+#[test]
+fn update_checks_its_samples() {
+    let mut s = Scheduler::new(config()).unwrap();
+    s.add(req(1, prompt(4, 0), params(4))).unwrap();
+    let out = s.schedule();
+    assert_eq!(s.update(&out, &[]), Err(SchedError::SampleCount { got: 0, expected: 1 }));
+    assert_eq!(s.update(&out, &[None]), Err(SchedError::MissingSample(RequestId(1))));
+}
