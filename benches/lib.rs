@@ -14,12 +14,12 @@ pub fn tokens(len: usize, start: u32) -> Vec<TokenId> {
 /// A scheduler with `num_seqs` sequences that have finished their
 /// `prompt_len`-token prefill and now decode one token per step.
 pub fn decoding_scheduler(num_seqs: usize, prompt_len: usize) -> Scheduler {
-    let max_tokens = 100_000u32;
+    let max_tokens = 1024u32;
     let config = SchedulerConfig {
         max_num_seqs: num_seqs,
         max_num_batched_tokens: num_seqs * prompt_len,
         max_model_len: prompt_len + max_tokens as usize,
-        num_blocks: num_seqs * 64,
+        num_blocks: num_seqs * (prompt_len + max_tokens as usize).div_ceil(16),
         ..Default::default()
     };
     let mut s = Scheduler::new(config).expect("valid config");
