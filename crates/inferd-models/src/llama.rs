@@ -1,0 +1,172 @@
+//! The llama-family forward over a packed batch: the scheduled tokens of
+//! every sequence are concatenated into one `(T, hidden)` activation, each
+//! token carries its own position, and attention is delegated to the
+//! executor, which owns the paged KV cache.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Result, Tensor};
+use tracing::trace_span;
+
+use crate::config::LlamaConfig;
+use crate::linear::{FusedLinear, RawWeight, WeightFormat};
+use crate::rope::RopeTable;
+
+/// Attention over the KV cache, implemented by each executor.
+pub trait AttentionBackend {
+    /// For layer `layer`: store `k` and `v` (each `(T, kv_heads, head_dim)`,
+    /// RoPE applied) in the cache, then attend each query row of `q`
+    /// (`(T, heads, head_dim)`) to its own sequence's cached keys up to and
+    /// including its position. Returns `(T, heads * head_dim)`.
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+}
+
+/// One decoder layer's weights as read from a file.
+#[derive(Debug)]
+pub struct LayerWeights {
+    pub attn_norm: Tensor,
+    pub q: RawWeight,
+    pub k: RawWeight,
+    pub v: RawWeight,
+    /// Q, K and V biases (Qwen2).
+    pub qkv_bias: Option<[Tensor; 3]>,
+    pub o: RawWeight,
+    pub ffn_norm: Tensor,
+    pub gate: RawWeight,
+    pub up: RawWeight,
+    pub down: RawWeight,
+}
+
+/// A whole model's weights as read from a file, Q and K rows in the layout
+/// `LlamaConfig::rope_interleaved` names.
+#[derive(Debug)]
+pub struct ModelWeights {
+    pub embed: RawWeight,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Tensor,
+    /// `None` when the output projection is tied to the embedding.
+    pub lm_head: Option<RawWeight>,
+    /// Per-frequency RoPE divisors (GGUF `rope_freqs.weight`).
+    pub rope_freq_factors: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    attn_norm: Tensor,
+    qkv: FusedLinear,
+    o: FusedLinear,
+    ffn_norm: Tensor,
+    gate_up: FusedLinear,
+    down: FusedLinear,
+}
+
+/// What one forward pass computes: a packed batch of tokens.
+#[derive(Debug, Clone)]
+pub struct BatchTokens {
+    /// `(T,)` u32 token ids.
+    pub token_ids: Tensor,
+    /// `(T,)` u32 positions within each token's own sequence.
+    pub positions: Tensor,
+    /// `(R,)` u32 rows of the batch whose logits are wanted.
+    pub logits_rows: Tensor,
+}
+
+/// A llama-family decoder.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: QMatMul,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    rope: RopeTable,
+    device: Device,
+}
+
+fn f32_vec(t: Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)
+}
+
+impl Llama {
+    /// Builds the model in the given compute format. `max_positions` bounds
+    /// the RoPE tables (the served context length).
+    pub fn new(
+        cfg: LlamaConfig,
+        weights: ModelWeights,
+        format: WeightFormat,
+        max_positions: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let rope = RopeTable::new(&cfg, max_positions, weights.rope_freq_factors.as_deref(), device)?;
+        let mut layers = Vec::with_capacity(weights.layers.len());
+        for lw in weights.layers {
+            let qkv_bias = lw.qkv_bias.map(|b| b.to_vec());
+            layers.push(Layer {
+                attn_norm: f32_vec(lw.attn_norm)?,
+                qkv: FusedLinear::new(vec![lw.q, lw.k, lw.v], qkv_bias, format)?,
+                o: FusedLinear::new(vec![lw.o], None, format)?,
+                ffn_norm: f32_vec(lw.ffn_norm)?,
+                gate_up: FusedLinear::new(vec![lw.gate, lw.up], None, format)?,
+                down: FusedLinear::new(vec![lw.down], None, format)?,
+            });
+        }
+        // Tied: one matrix serves as embedding table and output projection.
+        let (embed, lm_head) = match weights.lm_head {
+            Some(head) => (embedding_table(weights.embed, format)?, head.into_matmul(format)?),
+            None => {
+                let m = embedding_table(weights.embed, format)?;
+                (m.clone(), m)
+            }
+        };
+        Ok(Llama { cfg, embed, layers, norm: f32_vec(weights.norm)?, lm_head, rope, device: device.clone() })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Most positions the RoPE tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// Runs the batch and returns `(R, vocab)` f32 logits for `logits_rows`.
+    pub fn forward(&self, batch: &BatchTokens, attn: &mut dyn AttentionBackend) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let t = batch.token_ids.dims1()?;
+        let eps = cfg.rms_norm_eps as f32;
+        let (cos, sin) = self.rope.gather(&batch.positions)?;
+        let mut x = self.embed.embedding(&batch.token_ids)?.to_dtype(DType::F32)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let _span = trace_span!("layer", i).entered();
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let qkv = layer.qkv.forward(&h)?;
+            let q = qkv[0].reshape((t, cfg.num_heads, cfg.head_dim))?;
+            let k = qkv[1].reshape((t, cfg.num_kv_heads, cfg.head_dim))?;
+            let v = qkv[2].contiguous()?.reshape((t, cfg.num_kv_heads, cfg.head_dim))?;
+            let q = RopeTable::apply(&q, &cos, &sin, cfg.rope_interleaved)?;
+            let k = RopeTable::apply(&k, &cos, &sin, cfg.rope_interleaved)?;
+            let a = attn.attend(i, &q, &k, &v)?;
+            x = (x + layer.o.forward_one(&a)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gate_up = layer.gate_up.forward(&h)?;
+            let act = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
+            x = (x + layer.down.forward_one(&act)?)?;
+        }
+        let x = x.index_select(&batch.logits_rows, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+}
+
+/// The embedding table: kept quantized in native and q8_0 formats (rows are
+/// dequantized on lookup), f32 otherwise.
+fn embedding_table(w: RawWeight, format: WeightFormat) -> Result<QMatMul> {
+    match (format, w) {
+        (WeightFormat::F32, w) => Ok(QMatMul::Tensor(w.to_f32()?)),
+        (_, w) => w.into_matmul(format),
+    }
+}
