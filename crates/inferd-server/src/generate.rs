@@ -1,0 +1,136 @@
+//! Runs one API request's choices on the engine and turns their token
+//! events into text: incremental detokenization, stop strings (which abort
+//! the sequence in the engine), logprobs and usage.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use inferd_core::{FinishReason, RequestId, SamplingParams, StreamEvent, TokenLogprobs};
+use inferd_engine::EngineHandle;
+use inferd_models::TextTokenizer;
+use inferd_sched::SequenceRequest;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::detok::{IncrementalDecoder, StopMatcher};
+use crate::error::ApiError;
+
+/// One choice (one sequence) of a request.
+#[derive(Debug)]
+pub struct Choice {
+    pub index: u32,
+    id: RequestId,
+    engine: EngineHandle,
+    rx: Option<UnboundedReceiver<StreamEvent>>,
+    decoder: IncrementalDecoder,
+    matcher: StopMatcher,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub cached_prompt_tokens: u32,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// What one event of a choice produced.
+#[derive(Debug, Default)]
+pub struct Piece {
+    pub text: String,
+    /// The token's id and logprobs, when asked for.
+    pub logprobs: Option<(u32, TokenLogprobs)>,
+    pub finished: Option<FinishReason>,
+}
+
+impl Choice {
+    /// Queues one sequence on the engine.
+    pub fn start(
+        engine: &EngineHandle,
+        tokenizer: &Arc<TextTokenizer>,
+        index: u32,
+        prompt: Vec<u32>,
+        params: Arc<SamplingParams>,
+    ) -> Result<Self, ApiError> {
+        let id = engine.next_id();
+        let prompt_tokens = prompt.len() as u32;
+        let stops = params.stop.clone();
+        let req = SequenceRequest { id, prompt, params, priority: 0, arrival: Instant::now() };
+        let rx = engine
+            .add(req)
+            .map_err(|e| ApiError::Unavailable { message: e.to_string(), retry_after_secs: 5 })?;
+        Ok(Choice {
+            index,
+            id,
+            engine: engine.clone(),
+            rx: Some(rx),
+            decoder: IncrementalDecoder::new(tokenizer.clone()),
+            matcher: StopMatcher::new(stops),
+            prompt_tokens,
+            completion_tokens: 0,
+            cached_prompt_tokens: 0,
+            finish_reason: None,
+        })
+    }
+
+    /// The next piece of output; `None` once the choice has finished.
+    pub async fn next(&mut self) -> Option<Result<Piece, ApiError>> {
+        loop {
+            let rx = self.rx.as_mut()?;
+            let Some(event) = rx.recv().await else {
+                self.rx = None;
+                return Some(Err(ApiError::Internal("the engine dropped the request".into())));
+            };
+            match event {
+                StreamEvent::Scheduled { cached_prompt_tokens } => {
+                    self.cached_prompt_tokens = cached_prompt_tokens
+                }
+                StreamEvent::Token { token, logprobs } => {
+                    self.completion_tokens += 1;
+                    let delta = self.decoder.push(token);
+                    let out = self.matcher.push(&delta);
+                    let mut piece =
+                        Piece { text: out.text, logprobs: logprobs.map(|l| (token, l)), finished: None };
+                    if out.stopped {
+                        // Matched on text: stop computing for it now.
+                        self.engine.abort(self.id, FinishReason::Stop);
+                        self.finish(FinishReason::Stop, &mut piece);
+                    }
+                    return Some(Ok(piece));
+                }
+                StreamEvent::Finished { reason, .. } => {
+                    let mut piece = Piece { text: self.matcher.flush(), ..Default::default() };
+                    self.finish(reason, &mut piece);
+                    return Some(Ok(piece));
+                }
+                StreamEvent::Error { message } => {
+                    self.rx = None;
+                    self.finish_reason = Some(FinishReason::Error);
+                    return Some(Err(ApiError::Internal(message)));
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason, piece: &mut Piece) {
+        self.finish_reason = Some(reason);
+        piece.finished = Some(reason);
+        self.rx = None;
+    }
+}
+
+/// Starts `n` choices for each prompt; choice `i` of a seeded request uses
+/// `seed + i`, so choices differ but the request is reproducible.
+pub fn start_choices(
+    engine: &EngineHandle,
+    tokenizer: &Arc<TextTokenizer>,
+    prompts: Vec<Vec<u32>>,
+    params: &SamplingParams,
+) -> Result<Vec<Choice>, ApiError> {
+    let n = params.n;
+    let mut choices = Vec::with_capacity(prompts.len() * n as usize);
+    for (p, prompt) in prompts.into_iter().enumerate() {
+        for i in 0..n {
+            let mut params = params.clone();
+            params.seed = params.seed.map(|s| s.wrapping_add(u64::from(i)));
+            let index = p as u32 * n + i;
+            choices.push(Choice::start(engine, tokenizer, index, prompt.clone(), Arc::new(params))?);
+        }
+    }
+    Ok(choices)
+}

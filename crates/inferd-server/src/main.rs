@@ -1,0 +1,142 @@
+//! The `inferd` binary.
+
+mod args;
+mod detok;
+mod error;
+mod generate;
+mod openai;
+mod responses;
+mod routes;
+mod state;
+mod validate;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use inferd_engine::{EngineConfig, EngineCore, EngineHandle};
+use inferd_exec::{CpuExecutor, CpuExecutorConfig, ModelExecutor};
+use inferd_models::{LoadOptions, load, resolve};
+use tracing_subscriber::EnvFilter;
+
+use crate::args::{Cli, Command, ServeArgs};
+use crate::state::{AppState, Serving};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            if let Some(n) = args.threads {
+                // SAFETY: set before any other thread exists; candle's and
+                // rayon's pools read these when they start.
+                unsafe {
+                    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+                    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+                }
+            }
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(*args))
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_env("INFERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Loads the model and starts the engine thread (blocking work).
+fn start_engine(args: &ServeArgs) -> anyhow::Result<Serving> {
+    let path = resolve(&args.model, &args.catalog, &args.models_dir)?;
+    let started = Instant::now();
+    let loaded = load(
+        &path,
+        &LoadOptions { format: args.cpu_weights, max_positions: args.max_model_len, ..Default::default() },
+    )
+    .with_context(|| format!("loading {}", path.display()))?;
+    let cfg = loaded.model.config().clone();
+    let max_model_len = args.max_model_len.unwrap_or(cfg.max_position_embeddings);
+    let exec = CpuExecutor::new(
+        loaded.model,
+        CpuExecutorConfig {
+            block_size: args.block_size,
+            kv_cache_memory: args.kv_cache_memory,
+            kv_dtype: args.kv_cache_dtype,
+            max_model_len,
+        },
+    )?;
+    let caps = exec.capabilities();
+    let engine_cfg = EngineConfig {
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_model_len: caps.max_model_len,
+        enable_prefix_caching: !args.no_prefix_caching,
+    };
+    let core = EngineCore::new(exec, &engine_cfg, loaded.tokenizer.eos_token_ids.clone())?;
+    let (engine, _join) = EngineHandle::spawn(core);
+    tracing::info!(
+        model = %path.display(),
+        format = ?args.cpu_weights,
+        kv_blocks = caps.num_blocks,
+        max_model_len = caps.max_model_len,
+        secs = started.elapsed().as_secs_f32(),
+        "model loaded"
+    );
+    Ok(Serving {
+        engine,
+        model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()),
+        max_model_len: caps.max_model_len,
+        vocab_size: caps.vocab_size,
+        kv_capacity_tokens: caps.num_blocks * caps.block_size,
+        tokenizer: Arc::new(loaded.tokenizer),
+        chat_template: loaded.chat_template,
+    })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing();
+    // Listen first, so health checks get answers while the model loads.
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(AppState::default());
+    let app = routes::router(state.clone(), args.max_body);
+    let server =
+        tokio::spawn(
+            async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await },
+        );
+    let load_args = args.clone();
+    let serving = tokio::task::spawn_blocking(move || start_engine(&load_args)).await??;
+    let model = serving.model_name.clone();
+    state.serving.set(serving).map_err(|_| anyhow::anyhow!("model loaded twice"))?;
+    // The ready line: tests and scripts read the bound address from it.
+    println!("inferd listening on http://{addr} (model {model})");
+    println!(
+        "try: curl http://{addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'"
+    );
+    server.await??;
+    if let Some(s) = state.serving.get() {
+        s.engine.shutdown();
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,445 @@
+//! The HTTP routes: OpenAI completions and chat completions (streamed or
+//! not), models, tokenize and detokenize, health and stats.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use inferd_core::{FinishReason, SamplingParams};
+use inferd_models::ChatMessage;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+use crate::generate::{Choice, Piece, start_choices};
+use crate::openai::{
+    ChatRequest, CompletionRequest, DetokenizeRequest, Message, MessageContent, Prompt, TokenizeRequest,
+};
+use crate::responses::{Envelope, Route, UsageTotals, logprobs_json};
+use crate::state::{Serving, SharedState};
+use crate::validate::sampling_params;
+
+/// Interval of `: keep-alive` comments on open streams.
+pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
+
+pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/health", get(health))
+        .route("/stats", get(stats))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Runs `f` on the blocking pool: tokenization and templating stay off
+/// the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+fn message_text(m: &Message) -> Result<String, ApiError> {
+    match &m.content {
+        None => Ok(String::new()),
+        Some(MessageContent::Text(t)) => Ok(t.clone()),
+        Some(MessageContent::Parts(parts)) => {
+            let mut out = String::new();
+            for p in parts {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => out.push_str(t),
+                    (kind, _) => {
+                        return Err(ApiError::invalid(
+                            format!("content parts of type {kind:?} are not supported"),
+                            "messages",
+                        ));
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Renders a conversation through the model's chat template.
+fn render_chat(
+    serving: &Serving,
+    messages: &[Message],
+    add_generation_prompt: bool,
+) -> Result<String, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages must hold at least one message", "messages"));
+    }
+    let mut chat = Vec::with_capacity(messages.len());
+    for m in messages {
+        if !["system", "user", "assistant", "tool", "developer"].contains(&m.role.as_str()) {
+            return Err(ApiError::invalid(format!("unknown message role {:?}", m.role), "messages"));
+        }
+        chat.push(ChatMessage::new(m.role.clone(), message_text(m)?));
+    }
+    let template = serving.chat_template.as_ref().ok_or_else(|| {
+        ApiError::invalid("this model has no chat template; use /v1/completions", "messages")
+    })?;
+    template.render(&chat, add_generation_prompt).map_err(|e| ApiError::invalid(e.to_string(), "messages"))
+}
+
+fn check_tokens(serving: &Serving, ids: &[u32]) -> Result<(), ApiError> {
+    match ids.iter().find(|&&t| t as usize >= serving.vocab_size) {
+        Some(t) => Err(ApiError::invalid(
+            format!("token id {t} is outside the vocabulary of {}", serving.vocab_size),
+            "prompt",
+        )),
+        None => Ok(()),
+    }
+}
+
+async fn completions(
+    State(st): State<SharedState>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let serving = st.serving()?;
+    serving.check_model(req.model.as_deref())?;
+    if req.echo {
+        return Err(ApiError::invalid("echo is not supported", "echo"));
+    }
+    let tokenizer = serving.tokenizer.clone();
+    let prompts = blocking(move || {
+        let encode = |s: &str| tokenizer.encode(s).map_err(|e| ApiError::invalid(e.to_string(), "prompt"));
+        match req.prompt {
+            Prompt::Text(s) => Ok(vec![encode(&s)?]),
+            Prompt::Texts(v) => v.iter().map(|s| encode(s)).collect(),
+            Prompt::Tokens(t) => Ok(vec![t]),
+            Prompt::TokenLists(v) => Ok(v),
+        }
+    })
+    .await?;
+    if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+        return Err(ApiError::invalid("prompt must not be empty", "prompt"));
+    }
+    for p in &prompts {
+        check_tokens(serving, p)?;
+    }
+    if req.logprobs.is_some_and(|k| k > inferd_core::MAX_LOGPROBS) {
+        return Err(ApiError::invalid(
+            format!(
+                "logprobs must be in [0, {}], got {}",
+                inferd_core::MAX_LOGPROBS,
+                req.logprobs.unwrap_or(0)
+            ),
+            "logprobs",
+        ));
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let params = sampling_params(
+        &req.sampling,
+        req.sampling.max_tokens,
+        req.logprobs,
+        longest,
+        serving.max_model_len,
+    )?;
+    let envelope = Envelope {
+        id: String::new(),
+        created: now_secs(),
+        model: serving.model_name.clone(),
+        route: Route::Completions,
+    };
+    run(serving, envelope, prompts, params, &req.sampling).await
+}
+
+async fn chat_completions(
+    State(st): State<SharedState>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let serving = st.serving()?;
+    serving.check_model(req.model.as_deref())?;
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (true, k) => Some(k.unwrap_or(0)),
+        (false, Some(_)) => {
+            return Err(ApiError::invalid("top_logprobs requires logprobs to be true", "top_logprobs"));
+        }
+        (false, None) => None,
+    };
+    let st2 = st.clone();
+    let messages = req.messages.clone();
+    let prompt = blocking(move || {
+        let serving = st2.serving()?;
+        let text = render_chat(serving, &messages, true)?;
+        serving.tokenizer.encode(&text).map_err(|e| ApiError::invalid(e.to_string(), "messages"))
+    })
+    .await?;
+    let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
+    let params = sampling_params(&req.sampling, max_tokens, logprobs, prompt.len(), serving.max_model_len)?;
+    let envelope = Envelope {
+        id: String::new(),
+        created: now_secs(),
+        model: serving.model_name.clone(),
+        route: Route::Chat,
+    };
+    run(serving, envelope, vec![prompt], params, &req.sampling).await
+}
+
+/// Starts the choices and answers in one body or as a stream.
+async fn run(
+    serving: &Serving,
+    mut envelope: Envelope,
+    prompts: Vec<Vec<u32>>,
+    params: SamplingParams,
+    fields: &crate::openai::SamplingFields,
+) -> Result<Response, ApiError> {
+    for p in &prompts {
+        let need = p.len() + params.max_tokens as usize;
+        if need > serving.kv_capacity_tokens {
+            return Err(ApiError::invalid(
+                format!(
+                    "This request needs {need} tokens of KV cache ({} prompt + {} max_tokens), but the whole cache holds {} tokens.",
+                    p.len(),
+                    params.max_tokens,
+                    serving.kv_capacity_tokens
+                ),
+                "max_tokens",
+            ));
+        }
+    }
+    let choices = start_choices(&serving.engine, &serving.tokenizer, prompts, &params)?;
+    let prefix = if envelope.route == Route::Chat { "chatcmpl" } else { "cmpl" };
+    envelope.id = format!("{prefix}-{}", serving.engine.next_id().0);
+    let tokenizer = serving.tokenizer.clone();
+    let n = params.n;
+    if fields.stream {
+        let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
+        Ok(stream(envelope, choices, tokenizer, include_usage, n).into_response())
+    } else {
+        let results = futures_util::future::join_all(choices.into_iter().map(collect)).await;
+        let mut out = Vec::with_capacity(results.len());
+        let mut usage = UsageTotals::default();
+        for r in results {
+            let (choice, text, lps) = r?;
+            // Each prompt counts once, however many choices it has.
+            if choice.index % n == 0 {
+                usage.prompt_tokens += choice.prompt_tokens;
+                usage.cached_tokens += choice.cached_prompt_tokens;
+            }
+            usage.completion_tokens += choice.completion_tokens;
+            let logprobs = params.logprobs.map(|_| logprobs_json(envelope.route, &tokenizer, &lps, 0));
+            let finish = choice.finish_reason.unwrap_or(FinishReason::Abort).as_str();
+            out.push(envelope.choice(choice.index, text, logprobs, finish));
+        }
+        Ok(Json(envelope.response(out, usage)).into_response())
+    }
+}
+
+type Collected = (Choice, String, Vec<(u32, inferd_core::TokenLogprobs)>);
+
+async fn collect(mut choice: Choice) -> Result<Collected, ApiError> {
+    let mut text = String::new();
+    let mut lps = Vec::new();
+    while let Some(piece) = choice.next().await {
+        let piece = piece?;
+        text.push_str(&piece.text);
+        lps.extend(piece.logprobs);
+    }
+    Ok((choice, text, lps))
+}
+
+enum Msg {
+    Piece(u32, Piece),
+    Failed(ApiError),
+    Done { index: u32, prompt: u32, completion: u32, cached: u32 },
+}
+
+/// SSE stream: a task per choice feeds one channel; chunks leave in arrival
+/// order. When the client goes away the channels close, the tasks end, and
+/// dropping their receivers aborts the sequences in the engine.
+fn stream(
+    envelope: Envelope,
+    choices: Vec<Choice>,
+    tokenizer: Arc<inferd_models::TextTokenizer>,
+    include_usage: bool,
+    n: u32,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let (msg_tx, mut msg_rx) = mpsc::channel::<Msg>(64);
+    let total = choices.len();
+    for mut choice in choices {
+        let tx = msg_tx.clone();
+        tokio::spawn(async move {
+            while let Some(piece) = choice.next().await {
+                let msg = match piece {
+                    Ok(p) => Msg::Piece(choice.index, p),
+                    Err(e) => Msg::Failed(e),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            let done = Msg::Done {
+                index: choice.index,
+                prompt: choice.prompt_tokens,
+                completion: choice.completion_tokens,
+                cached: choice.cached_prompt_tokens,
+            };
+            let _ = tx.send(done).await;
+        });
+    }
+    drop(msg_tx);
+    let (ev_tx, ev_rx) = mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let mut usage = UsageTotals::default();
+        let mut started = vec![false; total];
+        let mut offsets = vec![0usize; total];
+        let mut done = 0;
+        while let Some(msg) = msg_rx.recv().await {
+            let event = match msg {
+                Msg::Piece(index, piece) => {
+                    let i = index as usize;
+                    if piece.text.is_empty()
+                        && piece.finished.is_none()
+                        && piece.logprobs.is_none()
+                        && started[i]
+                    {
+                        continue;
+                    }
+                    let lps =
+                        piece.logprobs.map(|l| logprobs_json(envelope.route, &tokenizer, &[l], offsets[i]));
+                    let finish = piece.finished.map(FinishReason::as_str);
+                    let chunk = envelope.chunk(index, &piece.text, lps, finish, !started[i]);
+                    started[i] = true;
+                    offsets[i] += piece.text.len();
+                    Event::default().data(chunk.to_string())
+                }
+                Msg::Failed(e) => Event::default().data(e.body().to_string()),
+                Msg::Done { index, prompt, completion, cached } => {
+                    if index % n == 0 {
+                        usage.prompt_tokens += prompt;
+                        usage.cached_tokens += cached;
+                    }
+                    usage.completion_tokens += completion;
+                    done += 1;
+                    if done < total {
+                        continue;
+                    }
+                    if include_usage
+                        && ev_tx
+                            .send(Event::default().data(envelope.usage_chunk(usage).to_string()))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    Event::default().data("[DONE]")
+                }
+            };
+            if ev_tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    let events =
+        futures_util::stream::unfold(ev_rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
+    Sse::new(events.boxed()).keep_alive(KeepAlive::new().interval(SSE_KEEPALIVE).text("keep-alive"))
+}
+
+async fn models(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    let serving = st.serving()?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{
+            "id": serving.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "inferd",
+            "max_model_len": serving.max_model_len,
+        }],
+    })))
+}
+
+async fn tokenize(
+    State(st): State<SharedState>,
+    body: Result<Json<TokenizeRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body?;
+    let serving = st.serving()?;
+    let model = match &req {
+        TokenizeRequest::Chat { model, .. } | TokenizeRequest::Prompt { model, .. } => model.clone(),
+    };
+    serving.check_model(model.as_deref())?;
+    let st2 = st.clone();
+    let tokens = blocking(move || {
+        let serving = st2.serving()?;
+        let text = match req {
+            TokenizeRequest::Chat { messages, add_generation_prompt, .. } => {
+                render_chat(serving, &messages, add_generation_prompt)?
+            }
+            TokenizeRequest::Prompt { prompt, .. } => prompt,
+        };
+        serving.tokenizer.encode(&text).map_err(|e| ApiError::invalid(e.to_string(), "prompt"))
+    })
+    .await?;
+    Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": serving.max_model_len})))
+}
+
+async fn detokenize(
+    State(st): State<SharedState>,
+    body: Result<Json<DetokenizeRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body?;
+    let serving = st.serving()?;
+    serving.check_model(req.model.as_deref())?;
+    let ids: Vec<u32> = req
+        .tokens
+        .iter()
+        .map(|&t| u32::try_from(t).ok().filter(|&t| (t as usize) < serving.vocab_size))
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            ApiError::invalid(format!("tokens must be ids in [0, {})", serving.vocab_size), "tokens")
+        })?;
+    let text =
+        serving.tokenizer.decode(&ids, false).map_err(|e| ApiError::invalid(e.to_string(), "tokens"))?;
+    Ok(Json(json!({ "prompt": text })))
+}
+
+async fn health(State(st): State<SharedState>) -> Response {
+    let alive =
+        st.serving.get().is_none_or(|s| !s.engine.stats().stopped.load(std::sync::atomic::Ordering::Relaxed));
+    if alive {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "engine_stopped"})))
+            .into_response()
+    }
+}
+
+async fn stats(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    let serving = st.serving()?;
+    let s = serving.engine.stats();
+    let r = std::sync::atomic::Ordering::Relaxed;
+    Ok(Json(json!({
+        "num_requests_running": s.num_running.load(r),
+        "num_requests_waiting": s.num_waiting.load(r),
+        "kv_blocks_total": s.kv_blocks_total.load(r),
+        "kv_blocks_free": s.kv_blocks_free.load(r),
+        "kv_blocks_used": s.kv_blocks_used(),
+        "num_preemptions": s.num_preemptions.load(r),
+        "prefix_cache_query_tokens": s.prefix_query_tokens.load(r),
+        "prefix_cache_hit_tokens": s.prefix_hit_tokens.load(r),
+        "engine_steps": s.steps.load(r),
+        "generated_tokens": s.generated_tokens.load(r),
+    })))
+}

@@ -1,0 +1,99 @@
+//! Parse at the edge: request fields become typed sampling parameters, with
+//! OpenAI-style messages for every value out of range.
+
+use inferd_core::SamplingParams;
+
+use crate::error::ApiError;
+use crate::openai::SamplingFields;
+
+/// The context-length refusal, with the limit in the message.
+pub fn context_error(max_model_len: usize, prompt: usize, completion: usize) -> ApiError {
+    ApiError::invalid(
+        format!(
+            "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt} in the prompt, {completion} for the completion). Please reduce the length of the prompt or completion.",
+            prompt + completion
+        ),
+        "max_tokens",
+    )
+}
+
+/// Builds and validates sampling parameters for a prompt of `prompt_len`
+/// tokens. `max_tokens` defaults to what is left of the context.
+pub fn sampling_params(
+    f: &SamplingFields,
+    max_tokens: Option<u32>,
+    logprobs: Option<u32>,
+    prompt_len: usize,
+    max_model_len: usize,
+) -> Result<SamplingParams, ApiError> {
+    if prompt_len >= max_model_len {
+        return Err(context_error(max_model_len, prompt_len, max_tokens.unwrap_or(1) as usize));
+    }
+    let max_tokens = max_tokens.unwrap_or((max_model_len - prompt_len) as u32);
+    if prompt_len + max_tokens as usize > max_model_len {
+        return Err(context_error(max_model_len, prompt_len, max_tokens as usize));
+    }
+    let top_k = match f.top_k {
+        None | Some(-1) | Some(0) => None,
+        Some(k) if k > 0 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                format!("top_k must be -1 (disabled) or at least 1, got {k}"),
+                "top_k",
+            ));
+        }
+    };
+    let d = SamplingParams::default();
+    let params = SamplingParams {
+        n: f.n.unwrap_or(1),
+        temperature: f.temperature.unwrap_or(d.temperature),
+        top_p: f.top_p.unwrap_or(d.top_p),
+        top_k,
+        min_p: f.min_p.unwrap_or(d.min_p),
+        repetition_penalty: f.repetition_penalty.unwrap_or(d.repetition_penalty),
+        frequency_penalty: f.frequency_penalty.unwrap_or(d.frequency_penalty),
+        presence_penalty: f.presence_penalty.unwrap_or(d.presence_penalty),
+        seed: f.seed,
+        max_tokens,
+        min_tokens: f.min_tokens.unwrap_or(0),
+        stop: f.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+        stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
+        ignore_eos: f.ignore_eos,
+        logprobs,
+    };
+    params.validate().map_err(|e| ApiError::invalid(e.to_string(), e.param()))?;
+    Ok(params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_tokens_defaults_to_the_rest_of_the_context() {
+        let p = sampling_params(&SamplingFields::default(), None, None, 30, 100).unwrap();
+        assert_eq!(p.max_tokens, 70);
+    }
+
+    #[test]
+    fn too_long_names_the_limit() {
+        let err = sampling_params(&SamplingFields::default(), Some(80), None, 30, 100).unwrap_err();
+        assert!(
+            err.message().starts_with("This model's maximum context length is 100 tokens"),
+            "{}",
+            err.message()
+        );
+        assert!(sampling_params(&SamplingFields::default(), None, None, 100, 100).is_err());
+    }
+
+    #[test]
+    fn out_of_range_values_carry_core_messages() {
+        let f = SamplingFields { top_p: Some(0.0), ..Default::default() };
+        let err = sampling_params(&f, Some(5), None, 3, 100).unwrap_err();
+        assert_eq!(err, ApiError::invalid("top_p must be in (0, 1], got 0", "top_p"));
+        let f = SamplingFields { top_k: Some(-5), ..Default::default() };
+        assert!(sampling_params(&f, Some(5), None, 3, 100).is_err());
+        let f = SamplingFields { top_k: Some(-1), ..Default::default() };
+        assert_eq!(sampling_params(&f, Some(5), None, 3, 100).unwrap().top_k, None);
+    }
+}

@@ -1,0 +1,93 @@
+//! Starts the real `inferd` binary on 127.0.0.1 with port 0 and the real
+//! default model, and reads its bound address from the ready line.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::time::Duration;
+
+/// Pids of servers still running; killed when the test process exits, since
+/// servers shared through statics are never dropped.
+static PIDS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+static ATEXIT: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn kill_servers() {
+    if let Ok(pids) = PIDS.lock() {
+        for &pid in pids.iter() {
+            // SAFETY: kill(2) on a pid we spawned; no memory is touched.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn register(pid: i32) {
+    if ATEXIT.swap(1, Ordering::SeqCst) == 0 {
+        // SAFETY: registers a plain extern "C" function with no captured state.
+        unsafe {
+            libc::atexit(kill_servers);
+        }
+    }
+    if let Ok(mut pids) = PIDS.lock() {
+        pids.push(pid);
+    }
+}
+
+/// A running server, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub base: String,
+}
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+impl Server {
+    /// Starts `inferd serve` with extra flags.
+    pub fn start(extra: &[&str]) -> Server {
+        let root = workspace();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferd"));
+        cmd.current_dir(&root)
+            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--kv-cache-memory", "256MiB"])
+            .args(["--max-model-len", "2048", "--threads", "2"])
+            .args(extra)
+            .env("INFERD_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("inferd starts");
+        register(child.id() as i32);
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("inferd listening on ") {
+                    let url = rest.split_whitespace().next().unwrap_or_default().to_string();
+                    let _ = tx.send(url);
+                }
+            }
+        });
+        let base = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("inferd printed no ready line within 120 s");
+            }
+        };
+        Server { child, base }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

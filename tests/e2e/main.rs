@@ -1,0 +1,6 @@
+//! End-to-end tests: the real binary, the real SmolLM2, real HTTP.
+
+mod api;
+mod errors;
+mod harness;
+mod openai_sdk;
