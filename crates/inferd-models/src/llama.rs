@@ -4,7 +4,7 @@
 //! executor, which owns the paged KV cache.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use tracing::trace_span;
 
 use crate::config::LlamaConfig;
@@ -77,7 +77,7 @@ pub struct Llama {
     embed: QMatMul,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: FusedLinear,
     rope: RopeTable,
     device: Device,
 }
@@ -109,14 +109,18 @@ impl Llama {
                 down: FusedLinear::new(vec![lw.down], None, format)?,
             });
         }
-        // Tied: one matrix serves as embedding table and output projection.
-        let (embed, lm_head) = match weights.lm_head {
-            Some(head) => (embedding_table(weights.embed, format)?, head.into_matmul(format)?),
-            None => {
-                let m = embedding_table(weights.embed, format)?;
-                (m.clone(), m)
-            }
+        // Tied: the embedding matrix is also the output projection.
+        let lm_head = match weights.lm_head {
+            Some(head) => head,
+            None => match &weights.embed {
+                RawWeight::Quantized(q) if format == WeightFormat::Native => {
+                    RawWeight::Quantized(copy_qtensor(q)?)
+                }
+                w => RawWeight::Dense(w.to_f32()?),
+            },
         };
+        let lm_head = FusedLinear::new(vec![lm_head], None, format)?;
+        let embed = embedding_table(weights.embed, format)?;
         Ok(Llama { cfg, embed, layers, norm: f32_vec(weights.norm)?, lm_head, rope, device: device.clone() })
     }
 
@@ -158,8 +162,18 @@ impl Llama {
         }
         let x = x.index_select(&batch.logits_rows, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        self.lm_head.forward_one(&x)?.to_dtype(DType::F32)
     }
+}
+
+/// A copy of a quantized matrix (QTensor is not Clone).
+fn copy_qtensor(q: &candle_core::quantized::QTensor) -> Result<candle_core::quantized::QTensor> {
+    let storage = candle_core::quantized::QStorage::from_data(
+        std::borrow::Cow::Owned(q.data()?.into_owned()),
+        &q.device(),
+        q.dtype(),
+    )?;
+    candle_core::quantized::QTensor::new(storage, q.shape())
 }
 
 /// The embedding table: kept quantized in native and q8_0 formats (rows are

@@ -68,7 +68,7 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_KV_CACHE_DTYPE", default_value = "f32")]
     pub kv_cache_dtype: KvDtype,
     /// CPU compute format of the weights: native, q8_0 or f32.
-    #[arg(long, env = "INFERD_CPU_WEIGHTS", default_value = "native")]
+    #[arg(long, env = "INFERD_CPU_WEIGHTS", default_value = "q8_0")]
     pub cpu_weights: WeightFormat,
     /// Compute threads; defaults to the physical cores.
     #[arg(long, env = "INFERD_THREADS")]
