@@ -4,3 +4,4 @@ mod api;
 mod errors;
 mod harness;
 mod openai_sdk;
+mod ops;

@@ -58,6 +58,7 @@ pub struct EngineCore<E> {
     scheduler: Scheduler,
     executor: E,
     batch: BatchState,
+    last_step_tokens: usize,
 }
 
 impl<E: ModelExecutor> EngineCore<E> {
@@ -78,6 +79,7 @@ impl<E: ModelExecutor> EngineCore<E> {
             scheduler: Scheduler::new(sched_cfg)?,
             executor,
             batch: BatchState::new(caps.block_size, eos_token_ids),
+            last_step_tokens: 0,
         })
     }
 
@@ -91,6 +93,11 @@ impl<E: ModelExecutor> EngineCore<E> {
 
     pub fn has_work(&self) -> bool {
         self.scheduler.has_work()
+    }
+
+    /// Tokens the last step computed.
+    pub fn last_step_tokens(&self) -> usize {
+        self.last_step_tokens
     }
 
     /// Queues a sequence; refuses one that could never run.
@@ -107,6 +114,7 @@ impl<E: ModelExecutor> EngineCore<E> {
     /// an error output rather than leaving any of them hanging.
     pub fn step(&mut self) -> Result<Vec<SeqOutput>, EngineError> {
         let out = self.scheduler.schedule();
+        self.last_step_tokens = out.num_scheduled_tokens;
         let _span = debug_span!("step", seqs = out.num_seqs(), tokens = out.num_scheduled_tokens).entered();
         if out.is_empty() {
             // Still let the batch state drop finished sequences.

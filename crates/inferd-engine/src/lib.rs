@@ -2,6 +2,7 @@
 //! advancing every sequence one step at a time, on a thread of its own.
 
 mod core;
+pub mod metrics;
 mod thread;
 
 pub use core::{EngineConfig, EngineCore, EngineError, SeqOutput};

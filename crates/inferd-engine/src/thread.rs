@@ -236,13 +236,19 @@ impl<E: ModelExecutor> EngineLoop<E> {
     }
 
     fn step(&mut self) {
+        let started = Instant::now();
         let outputs = match self.core.step() {
             Ok(o) => o,
             Err(e) => self.fail_all(&e),
         };
+        metrics::histogram!(crate::metrics::ENGINE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metrics::ENGINE_STEP_TOKENS).record(self.core.last_step_tokens() as f64);
         let r = Ordering::Relaxed;
         self.stats.steps.fetch_add(1, r);
         self.stats.last_step_ms.store(self.started.elapsed().as_millis() as u64, r);
+        // Publish before delivering, so a client that sees its request end
+        // also sees its blocks freed in /stats and /metrics.
+        self.stats.publish(&self.core.stats());
         for o in outputs {
             self.deliver(o);
         }

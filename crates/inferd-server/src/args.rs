@@ -85,6 +85,16 @@ pub struct ServeArgs {
     /// The model catalogue.
     #[arg(long, env = "INFERD_CATALOG", default_value = "models/catalog.toml")]
     pub catalog: PathBuf,
+    /// Log lines as `text` or `json` (for log shippers).
+    #[arg(long, env = "INFERD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    /// Seconds between `: keep-alive` comments on open streams.
+    #[arg(long, env = "INFERD_SSE_KEEPALIVE", default_value_t = 15.0)]
+    pub sse_keepalive: f64,
+    /// Seconds the engine may have work without finishing a step before
+    /// /health and /ready report it stalled.
+    #[arg(long, env = "INFERD_ENGINE_STALL_TIMEOUT", default_value_t = 60.0)]
+    pub engine_stall_timeout: f64,
 }
 
 #[cfg(test)]

@@ -75,7 +75,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, _, _) = self.parts();
+        let (status, _, code) = self.parts();
+        if !matches!(self, ApiError::Internal(_)) {
+            let reason = code.unwrap_or("invalid_request");
+            metrics::counter!(inferd_engine::metrics::REQUESTS_REJECTED_TOTAL, "reason" => reason)
+                .increment(1);
+        }
         let mut resp = (status, Json(self.body())).into_response();
         if let ApiError::Unavailable { retry_after_secs, .. } = &self {
             resp.headers_mut().insert("retry-after", (*retry_after_secs).max(1).into());

@@ -13,6 +13,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::detok::{IncrementalDecoder, StopMatcher};
 use crate::error::ApiError;
+use crate::telemetry::SeqTimer;
 
 /// One choice (one sequence) of a request.
 #[derive(Debug)]
@@ -27,6 +28,15 @@ pub struct Choice {
     pub completion_tokens: u32,
     pub cached_prompt_tokens: u32,
     pub finish_reason: Option<FinishReason>,
+    timer: SeqTimer,
+}
+
+impl Drop for Choice {
+    fn drop(&mut self) {
+        // Dropped unfinished: the client went away; the engine aborts it.
+        let reason = self.finish_reason.unwrap_or(FinishReason::Abort);
+        self.timer.finished(reason, self.prompt_tokens, self.completion_tokens);
+    }
 }
 
 /// What one event of a choice produced.
@@ -43,6 +53,7 @@ impl Choice {
     pub fn start(
         engine: &EngineHandle,
         tokenizer: &Arc<TextTokenizer>,
+        model: Arc<str>,
         index: u32,
         prompt: Vec<u32>,
         params: Arc<SamplingParams>,
@@ -65,6 +76,7 @@ impl Choice {
             completion_tokens: 0,
             cached_prompt_tokens: 0,
             finish_reason: None,
+            timer: SeqTimer::new(model),
         })
     }
 
@@ -78,10 +90,12 @@ impl Choice {
             };
             match event {
                 StreamEvent::Scheduled { cached_prompt_tokens } => {
-                    self.cached_prompt_tokens = cached_prompt_tokens
+                    self.cached_prompt_tokens = cached_prompt_tokens;
+                    self.timer.scheduled();
                 }
                 StreamEvent::Token { token, logprobs } => {
                     self.completion_tokens += 1;
+                    self.timer.token();
                     let delta = self.decoder.push(token);
                     let out = self.matcher.push(&delta);
                     let mut piece =
@@ -101,6 +115,7 @@ impl Choice {
                 StreamEvent::Error { message } => {
                     self.rx = None;
                     self.finish_reason = Some(FinishReason::Error);
+                    self.timer.finished(FinishReason::Error, self.prompt_tokens, self.completion_tokens);
                     return Some(Err(ApiError::Internal(message)));
                 }
             }
@@ -109,6 +124,7 @@ impl Choice {
 
     fn finish(&mut self, reason: FinishReason, piece: &mut Piece) {
         self.finish_reason = Some(reason);
+        self.timer.finished(reason, self.prompt_tokens, self.completion_tokens);
         piece.finished = Some(reason);
         self.rx = None;
     }
@@ -119,6 +135,7 @@ impl Choice {
 pub fn start_choices(
     engine: &EngineHandle,
     tokenizer: &Arc<TextTokenizer>,
+    model: &Arc<str>,
     prompts: Vec<Vec<u32>>,
     params: &SamplingParams,
 ) -> Result<Vec<Choice>, ApiError> {
@@ -129,7 +146,14 @@ pub fn start_choices(
             let mut params = params.clone();
             params.seed = params.seed.map(|s| s.wrapping_add(u64::from(i)));
             let index = p as u32 * n + i;
-            choices.push(Choice::start(engine, tokenizer, index, prompt.clone(), Arc::new(params))?);
+            choices.push(Choice::start(
+                engine,
+                tokenizer,
+                model.clone(),
+                index,
+                prompt.clone(),
+                Arc::new(params),
+            )?);
         }
     }
     Ok(choices)

@@ -5,9 +5,11 @@ mod detok;
 mod error;
 mod generate;
 mod openai;
+mod request_id;
 mod responses;
 mod routes;
 mod state;
+mod telemetry;
 mod validate;
 
 use std::sync::Arc;
@@ -40,9 +42,14 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: &str) {
     let filter = EnvFilter::try_from_env("INFERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        fmt.json().with_current_span(true).init();
+    } else {
+        fmt.init();
+    }
 }
 
 /// Loads the model and starts the engine thread (blocking work).
@@ -85,7 +92,7 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<Serving> {
     );
     Ok(Serving {
         engine,
-        model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()),
+        model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()).into(),
         max_model_len: caps.max_model_len,
         vocab_size: caps.vocab_size,
         kv_capacity_tokens: caps.num_blocks * caps.block_size,
@@ -111,13 +118,18 @@ fn warm_up<E: ModelExecutor>(core: &mut EngineCore<E>) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_tracing();
+    init_tracing(&args.log_format);
     // Listen first, so health checks get answers while the model loads.
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(AppState::default());
+    let state = Arc::new(AppState {
+        metrics: Some(telemetry::install()?),
+        stall_timeout: std::time::Duration::from_secs_f64(args.engine_stall_timeout),
+        sse_keepalive: std::time::Duration::from_secs_f64(args.sse_keepalive.max(0.1)),
+        ..Default::default()
+    });
     let app = routes::router(state.clone(), args.max_body);
     let server =
         tokio::spawn(
@@ -127,6 +139,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let serving = tokio::task::spawn_blocking(move || start_engine(&load_args)).await??;
     let model = serving.model_name.clone();
     state.serving.set(serving).map_err(|_| anyhow::anyhow!("model loaded twice"))?;
+    state.set_phase(state::Phase::Ready);
     // The ready line: tests and scripts read the bound address from it.
     println!("inferd listening on http://{addr} (model {model})");
     println!(

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,11 +24,8 @@ use crate::openai::{
     ChatRequest, CompletionRequest, DetokenizeRequest, Message, MessageContent, Prompt, TokenizeRequest,
 };
 use crate::responses::{Envelope, Route, UsageTotals, logprobs_json};
-use crate::state::{Serving, SharedState};
+use crate::state::{Phase, Serving, SharedState};
 use crate::validate::sampling_params;
-
-/// Interval of `: keep-alive` comments on open streams.
-pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
 pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
     Router::new()
@@ -37,8 +35,11 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
         .route("/stats", get(stats))
         .fallback(|| async { ApiError::NotFound })
+        .layer(axum::middleware::from_fn(crate::request_id::request_id))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -157,10 +158,10 @@ async fn completions(
     let envelope = Envelope {
         id: String::new(),
         created: now_secs(),
-        model: serving.model_name.clone(),
+        model: serving.model_name.to_string(),
         route: Route::Completions,
     };
-    run(serving, envelope, prompts, params, &req.sampling).await
+    run(st.sse_keepalive, serving, envelope, prompts, params, &req.sampling).await
 }
 
 async fn chat_completions(
@@ -190,14 +191,15 @@ async fn chat_completions(
     let envelope = Envelope {
         id: String::new(),
         created: now_secs(),
-        model: serving.model_name.clone(),
+        model: serving.model_name.to_string(),
         route: Route::Chat,
     };
-    run(serving, envelope, vec![prompt], params, &req.sampling).await
+    run(st.sse_keepalive, serving, envelope, vec![prompt], params, &req.sampling).await
 }
 
 /// Starts the choices and answers in one body or as a stream.
 async fn run(
+    keepalive: Duration,
     serving: &Serving,
     mut envelope: Envelope,
     prompts: Vec<Vec<u32>>,
@@ -218,14 +220,14 @@ async fn run(
             ));
         }
     }
-    let choices = start_choices(&serving.engine, &serving.tokenizer, prompts, &params)?;
+    let choices = start_choices(&serving.engine, &serving.tokenizer, &serving.model_name, prompts, &params)?;
     let prefix = if envelope.route == Route::Chat { "chatcmpl" } else { "cmpl" };
     envelope.id = format!("{prefix}-{}", serving.engine.next_id().0);
     let tokenizer = serving.tokenizer.clone();
     let n = params.n;
     if fields.stream {
         let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream(envelope, choices, tokenizer, include_usage, n).into_response())
+        Ok(stream(envelope, choices, tokenizer, include_usage, n, keepalive).into_response())
     } else {
         let results = futures_util::future::join_all(choices.into_iter().map(collect)).await;
         let mut out = Vec::with_capacity(results.len());
@@ -274,6 +276,7 @@ fn stream(
     tokenizer: Arc<inferd_models::TextTokenizer>,
     include_usage: bool,
     n: u32,
+    keepalive: Duration,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let (msg_tx, mut msg_rx) = mpsc::channel::<Msg>(64);
     let total = choices.len();
@@ -353,7 +356,7 @@ fn stream(
     });
     let events =
         futures_util::stream::unfold(ev_rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
-    Sse::new(events.boxed()).keep_alive(KeepAlive::new().interval(SSE_KEEPALIVE).text("keep-alive"))
+    Sse::new(events.boxed()).keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
 }
 
 async fn models(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
@@ -361,7 +364,7 @@ async fn models(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> 
     Ok(Json(json!({
         "object": "list",
         "data": [{
-            "id": serving.model_name,
+            "id": &*serving.model_name,
             "object": "model",
             "created": 0,
             "owned_by": "inferd",
@@ -416,13 +419,42 @@ async fn detokenize(
 }
 
 async fn health(State(st): State<SharedState>) -> Response {
-    let alive =
-        st.serving.get().is_none_or(|s| !s.engine.stats().stopped.load(std::sync::atomic::Ordering::Relaxed));
-    if alive {
-        Json(json!({"status": "ok"})).into_response()
-    } else {
-        (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "engine_stopped"})))
-            .into_response()
+    match st.engine_problem() {
+        None => Json(json!({"status": "ok"})).into_response(),
+        Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": problem}))).into_response(),
+    }
+}
+
+/// Readiness for the load balancer: cheap, never waits on the engine.
+async fn ready(State(st): State<SharedState>) -> Response {
+    let status = match (st.phase(), st.engine_problem()) {
+        (Phase::Loading, _) => "loading",
+        (Phase::Draining, _) => "draining",
+        (Phase::Ready, Some(_)) => "stalled",
+        (Phase::Ready, None) => "ready",
+    };
+    let r = std::sync::atomic::Ordering::Relaxed;
+    let mut body = json!({"status": status, "uptime_seconds": st.started.elapsed().as_secs()});
+    if let Some(serving) = st.serving.get() {
+        let s = serving.engine.stats();
+        let total = s.kv_blocks_total.load(r);
+        body["model"] = json!(&*serving.model_name);
+        body["running"] = json!(s.num_running.load(r));
+        body["waiting"] = json!(s.num_waiting.load(r));
+        body["kv_cache_usage"] =
+            json!(if total == 0 { 0.0 } else { s.kv_blocks_used() as f64 / total as f64 });
+    }
+    let code = if status == "ready" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics_text(State(st): State<SharedState>) -> Response {
+    match &st.metrics {
+        Some(handle) => {
+            let text = crate::telemetry::render(handle, st.serving.get().map(|s| s.engine.stats()));
+            ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+        }
+        None => ApiError::NotFound.into_response(),
     }
 }
 

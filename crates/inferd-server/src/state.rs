@@ -1,6 +1,8 @@
 //! What every handler shares.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use inferd_engine::EngineHandle;
 use inferd_models::{ChatTemplate, TextTokenizer};
@@ -13,23 +15,77 @@ pub struct Serving {
     pub engine: EngineHandle,
     pub tokenizer: Arc<TextTokenizer>,
     pub chat_template: Option<ChatTemplate>,
-    pub model_name: String,
+    pub model_name: Arc<str>,
     pub max_model_len: usize,
     pub vocab_size: usize,
     /// Tokens the whole KV cache holds.
     pub kv_capacity_tokens: usize,
 }
 
+/// Where the process is in its life, as readiness reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Loading = 0,
+    Ready = 1,
+    Draining = 2,
+}
+
 /// Shared state: the port listens before the model is loaded, so `serving`
 /// is filled in once loading finishes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AppState {
     pub serving: OnceLock<Serving>,
+    pub(crate) phase: AtomicU8,
+    pub started: Instant,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The engine counts as stalled when it has work but has not finished a
+    /// step for this long.
+    pub stall_timeout: Duration,
+    pub sse_keepalive: Duration,
+}
+
+impl Default for AppState {
+    fn default() -> Self {
+        AppState {
+            serving: OnceLock::new(),
+            phase: AtomicU8::new(Phase::Loading as u8),
+            started: Instant::now(),
+            metrics: None,
+            stall_timeout: Duration::from_secs(60),
+            sse_keepalive: Duration::from_secs(15),
+        }
+    }
 }
 
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Relaxed) {
+            0 => Phase::Loading,
+            1 => Phase::Ready,
+            _ => Phase::Draining,
+        }
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// Why the engine is unhealthy, if it is: stopped, or busy without a
+    /// finished step for longer than the stall timeout.
+    pub fn engine_problem(&self) -> Option<&'static str> {
+        let serving = self.serving.get()?;
+        if serving.engine.stats().stopped.load(Ordering::Relaxed) {
+            return Some("engine_stopped");
+        }
+        match serving.engine.stalled_for() {
+            Some(d) if d > self.stall_timeout => Some("stalled"),
+            _ => None,
+        }
+    }
+
     /// The loaded model, or 503 while loading.
     pub fn serving(&self) -> Result<&Serving, ApiError> {
         self.serving.get().ok_or_else(|| ApiError::Unavailable {
@@ -43,7 +99,7 @@ impl Serving {
     /// Refuses a request naming another model.
     pub fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
         match requested {
-            Some(m) if m != self.model_name => Err(ApiError::ModelNotFound(m.to_string())),
+            Some(m) if m != &*self.model_name => Err(ApiError::ModelNotFound(m.to_string())),
             _ => Ok(()),
         }
     }

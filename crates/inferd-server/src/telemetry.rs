@@ -1,0 +1,97 @@
+//! Prometheus export and per-request metrics. Metric names live in
+//! `inferd_engine::metrics`; this module installs the recorder, mirrors the
+//! engine's counters at scrape time, and times each sequence.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use inferd_core::FinishReason;
+use inferd_engine::EngineStats;
+use inferd_engine::metrics as m;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Installs the global Prometheus recorder with inferd's buckets.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let mut builder = PrometheusBuilder::new();
+    for name in [
+        m::TIME_TO_FIRST_TOKEN,
+        m::INTER_TOKEN_LATENCY,
+        m::E2E_REQUEST_LATENCY,
+        m::REQUEST_QUEUE_TIME,
+        m::ENGINE_STEP_SECONDS,
+    ] {
+        builder = builder.set_buckets_for_metric(Matcher::Full(name.into()), &m::LATENCY_BUCKETS)?;
+    }
+    builder =
+        builder.set_buckets_for_metric(Matcher::Full(m::ENGINE_STEP_TOKENS.into()), &m::TOKEN_BUCKETS)?;
+    let handle = builder.install_recorder()?;
+    m::describe();
+    Ok(handle)
+}
+
+/// Copies the engine's published state into gauges and counters, then
+/// renders the exposition text.
+pub fn render(handle: &PrometheusHandle, stats: Option<&EngineStats>) -> String {
+    if let Some(s) = stats {
+        let r = Ordering::Relaxed;
+        let total = s.kv_blocks_total.load(r);
+        metrics::gauge!(m::NUM_REQUESTS_RUNNING).set(s.num_running.load(r) as f64);
+        metrics::gauge!(m::NUM_REQUESTS_WAITING).set(s.num_waiting.load(r) as f64);
+        metrics::gauge!(m::KV_BLOCKS_TOTAL).set(total as f64);
+        metrics::gauge!(m::KV_BLOCKS_FREE).set(s.kv_blocks_free.load(r) as f64);
+        let ratio = if total == 0 { 0.0 } else { s.kv_blocks_used() as f64 / total as f64 };
+        metrics::gauge!(m::KV_CACHE_USAGE_RATIO).set(ratio);
+        metrics::counter!(m::PREEMPTIONS_TOTAL).absolute(s.num_preemptions.load(r));
+        metrics::counter!(m::PREFIX_CACHE_QUERIES_TOTAL).absolute(s.prefix_query_tokens.load(r));
+        metrics::counter!(m::PREFIX_CACHE_HITS_TOTAL).absolute(s.prefix_hit_tokens.load(r));
+    }
+    handle.render()
+}
+
+/// Timing of one sequence, recorded as its events arrive. A sequence dropped
+/// before it finished (client gone) counts as aborted.
+#[derive(Debug)]
+pub struct SeqTimer {
+    model: Arc<str>,
+    arrival: Instant,
+    last_token: Option<Instant>,
+    done: bool,
+}
+
+impl SeqTimer {
+    pub fn new(model: Arc<str>) -> Self {
+        SeqTimer { model, arrival: Instant::now(), last_token: None, done: false }
+    }
+
+    pub fn scheduled(&self) {
+        metrics::histogram!(m::REQUEST_QUEUE_TIME, "model" => self.model.to_string())
+            .record(self.arrival.elapsed().as_secs_f64());
+    }
+
+    pub fn token(&mut self) {
+        let now = Instant::now();
+        let model = self.model.to_string();
+        match self.last_token {
+            None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN, "model" => model)
+                .record(now.duration_since(self.arrival).as_secs_f64()),
+            Some(last) => metrics::histogram!(m::INTER_TOKEN_LATENCY, "model" => model)
+                .record(now.duration_since(last).as_secs_f64()),
+        }
+        self.last_token = Some(now);
+    }
+
+    /// Records the end of the sequence once.
+    pub fn finished(&mut self, reason: FinishReason, prompt_tokens: u32, completion_tokens: u32) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let status = if reason == FinishReason::Error { "error" } else { "ok" };
+        metrics::histogram!(m::E2E_REQUEST_LATENCY, "model" => self.model.to_string())
+            .record(self.arrival.elapsed().as_secs_f64());
+        metrics::counter!(m::REQUESTS_TOTAL, "status" => status, "finish_reason" => reason.as_str())
+            .increment(1);
+        metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(u64::from(prompt_tokens));
+        metrics::counter!(m::GENERATION_TOKENS_TOTAL).increment(u64::from(completion_tokens));
+    }
+}
