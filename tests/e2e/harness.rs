@@ -91,3 +91,21 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// Polls /stats until the engine holds no blocks and runs nothing (at most
+/// 5 s: a step can be slow on a loaded test machine); returns the last stats.
+pub async fn wait_idle(srv: &Server) -> serde_json::Value {
+    let mut stats = serde_json::Value::Null;
+    for _ in 0..100 {
+        let resp = reqwest::get(srv.url("/stats")).await.expect("stats answers");
+        stats = resp.json().await.expect("stats is JSON");
+        if stats["kv_blocks_used"] == 0
+            && stats["num_requests_running"] == 0
+            && stats["num_requests_waiting"] == 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stats
+}

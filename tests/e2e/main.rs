@@ -5,3 +5,4 @@ mod errors;
 mod harness;
 mod openai_sdk;
 mod ops;
+mod overload;

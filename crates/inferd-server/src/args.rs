@@ -85,6 +85,18 @@ pub struct ServeArgs {
     /// The model catalogue.
     #[arg(long, env = "INFERD_CATALOG", default_value = "models/catalog.toml")]
     pub catalog: PathBuf,
+    /// Most sequences waiting to be scheduled; beyond it requests get 503.
+    #[arg(long, env = "INFERD_MAX_WAITING_REQUESTS", default_value_t = 256)]
+    pub max_waiting_requests: usize,
+    /// Most tokens (prompt + max_tokens) waiting to be scheduled; beyond it 503.
+    #[arg(long, env = "INFERD_MAX_WAITING_TOKENS", default_value_t = 1_000_000)]
+    pub max_waiting_tokens: usize,
+    /// Seconds a request may wait to be scheduled before it is refused with 503.
+    #[arg(long, env = "INFERD_MAX_QUEUE_WAIT", default_value_t = 30.0)]
+    pub max_queue_wait: f64,
+    /// Seconds a request may take in all; a request's `timeout` field may shorten it.
+    #[arg(long, env = "INFERD_REQUEST_TIMEOUT", default_value_t = 600.0)]
+    pub request_timeout: f64,
     /// Log lines as `text` or `json` (for log shippers).
     #[arg(long, env = "INFERD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -19,8 +19,14 @@ pub enum ApiError {
     TooLarge(String),
     /// Not JSON (415).
     UnsupportedMediaType(String),
-    /// The server cannot take it now: loading, engine stopped (503).
+    /// The server cannot take it now: loading, engine stopped, draining (503).
     Unavailable { message: String, retry_after_secs: u64 },
+    /// The waiting queue is full (503).
+    Overloaded { retry_after_secs: u64 },
+    /// Not scheduled within --max-queue-wait (503).
+    QueueTimeout { waited_secs: f64, retry_after_secs: u64 },
+    /// Past its total deadline (504).
+    Timeout { limit_secs: f64 },
     /// A failure of ours, never caused by input (500).
     Internal(String),
 }
@@ -47,7 +53,24 @@ impl ApiError {
             ApiError::Unavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("unavailable"))
             }
+            ApiError::Overloaded { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("queue_full"))
+            }
+            ApiError::QueueTimeout { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("queue_timeout"))
+            }
+            ApiError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout_error", Some("timeout")),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+        }
+    }
+
+    /// Seconds for `Retry-After`, on refusals that are worth retrying.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ApiError::Unavailable { retry_after_secs, .. }
+            | ApiError::Overloaded { retry_after_secs }
+            | ApiError::QueueTimeout { retry_after_secs, .. } => Some(*retry_after_secs),
+            _ => None,
         }
     }
 
@@ -58,6 +81,17 @@ impl ApiError {
             ApiError::NotFound => "Unknown route.".into(),
             ApiError::TooLarge(m) | ApiError::UnsupportedMediaType(m) | ApiError::Internal(m) => m.clone(),
             ApiError::Unavailable { message, .. } => message.clone(),
+            ApiError::Overloaded { .. } => {
+                "The server is at capacity: its waiting queue is full. Retry later.".into()
+            }
+            ApiError::QueueTimeout { waited_secs, .. } => {
+                format!(
+                    "The request waited {waited_secs:.1} s without being scheduled (the server's limit). Retry later."
+                )
+            }
+            ApiError::Timeout { limit_secs } => {
+                format!("The request exceeded its deadline of {limit_secs} s.")
+            }
         }
     }
 
@@ -76,14 +110,14 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _, code) = self.parts();
-        if !matches!(self, ApiError::Internal(_)) {
+        if !matches!(self, ApiError::Internal(_) | ApiError::Timeout { .. }) {
             let reason = code.unwrap_or("invalid_request");
             metrics::counter!(inferd_engine::metrics::REQUESTS_REJECTED_TOTAL, "reason" => reason)
                 .increment(1);
         }
         let mut resp = (status, Json(self.body())).into_response();
-        if let ApiError::Unavailable { retry_after_secs, .. } = &self {
-            resp.headers_mut().insert("retry-after", (*retry_after_secs).max(1).into());
+        if let Some(secs) = self.retry_after_secs() {
+            resp.headers_mut().insert("retry-after", secs.max(1).into());
         }
         resp
     }

@@ -3,14 +3,14 @@
 //! the sequence in the engine), logprobs and usage.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use inferd_core::{FinishReason, RequestId, SamplingParams, StreamEvent, TokenLogprobs};
 use inferd_engine::EngineHandle;
-use inferd_models::TextTokenizer;
 use inferd_sched::SequenceRequest;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::admission::Permit;
 use crate::detok::{IncrementalDecoder, StopMatcher};
 use crate::error::ApiError;
 use crate::telemetry::SeqTimer;
@@ -29,6 +29,19 @@ pub struct Choice {
     pub cached_prompt_tokens: u32,
     pub finish_reason: Option<FinishReason>,
     timer: SeqTimer,
+    /// Held until the sequence is first scheduled.
+    permit: Permit,
+    limits: Limits,
+    arrival: Instant,
+}
+
+/// When a request must have been scheduled, and when it must have ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_queue_wait: Duration,
+    pub timeout: Duration,
+    /// Seconds to suggest in Retry-After when the queue wait runs out.
+    pub retry_after_secs: u64,
 }
 
 impl Drop for Choice {
@@ -51,13 +64,14 @@ pub struct Piece {
 impl Choice {
     /// Queues one sequence on the engine.
     pub fn start(
-        engine: &EngineHandle,
-        tokenizer: &Arc<TextTokenizer>,
-        model: Arc<str>,
+        serving: &crate::state::Serving,
         index: u32,
         prompt: Vec<u32>,
         params: Arc<SamplingParams>,
+        permit: Permit,
+        limits: Limits,
     ) -> Result<Self, ApiError> {
+        let engine = &serving.engine;
         let id = engine.next_id();
         let prompt_tokens = prompt.len() as u32;
         let stops = params.stop.clone();
@@ -70,13 +84,16 @@ impl Choice {
             id,
             engine: engine.clone(),
             rx: Some(rx),
-            decoder: IncrementalDecoder::new(tokenizer.clone()),
+            decoder: IncrementalDecoder::new(serving.tokenizer.clone()),
             matcher: StopMatcher::new(stops),
             prompt_tokens,
             completion_tokens: 0,
             cached_prompt_tokens: 0,
             finish_reason: None,
-            timer: SeqTimer::new(model),
+            timer: SeqTimer::new(serving.model_name.clone()),
+            permit,
+            limits,
+            arrival: Instant::now(),
         })
     }
 
@@ -84,7 +101,26 @@ impl Choice {
     pub async fn next(&mut self) -> Option<Result<Piece, ApiError>> {
         loop {
             let rx = self.rx.as_mut()?;
-            let Some(event) = rx.recv().await else {
+            let scheduled = !self.permit.is_waiting();
+            let queue_deadline = self.arrival + self.limits.max_queue_wait;
+            let deadline = self.arrival + self.limits.timeout;
+            let until = if scheduled { deadline } else { deadline.min(queue_deadline) };
+            let Ok(event) = tokio::time::timeout_at(until.into(), rx.recv()).await else {
+                // A deadline passed: stop computing for it and say which.
+                self.engine.abort(self.id, FinishReason::Abort);
+                self.rx = None;
+                self.finish_reason = Some(FinishReason::Abort);
+                self.timer.finished(FinishReason::Abort, self.prompt_tokens, self.completion_tokens);
+                return Some(Err(if !scheduled && queue_deadline <= deadline {
+                    ApiError::QueueTimeout {
+                        waited_secs: self.arrival.elapsed().as_secs_f64(),
+                        retry_after_secs: self.limits.retry_after_secs,
+                    }
+                } else {
+                    ApiError::Timeout { limit_secs: self.limits.timeout.as_secs_f64() }
+                }));
+            };
+            let Some(event) = event else {
                 self.rx = None;
                 return Some(Err(ApiError::Internal("the engine dropped the request".into())));
             };
@@ -92,6 +128,7 @@ impl Choice {
                 StreamEvent::Scheduled { cached_prompt_tokens } => {
                     self.cached_prompt_tokens = cached_prompt_tokens;
                     self.timer.scheduled();
+                    self.permit.scheduled();
                 }
                 StreamEvent::Token { token, logprobs } => {
                     self.completion_tokens += 1;
@@ -133,27 +170,30 @@ impl Choice {
 /// Starts `n` choices for each prompt; choice `i` of a seeded request uses
 /// `seed + i`, so choices differ but the request is reproducible.
 pub fn start_choices(
-    engine: &EngineHandle,
-    tokenizer: &Arc<TextTokenizer>,
-    model: &Arc<str>,
+    st: &crate::state::AppState,
+    serving: &crate::state::Serving,
     prompts: Vec<Vec<u32>>,
     params: &SamplingParams,
+    timeout: Option<f64>,
 ) -> Result<Vec<Choice>, ApiError> {
     let n = params.n;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut permits = st.admission.admit(prompts.len() * n as usize, longest + params.max_tokens as usize)?;
+    let limits = Limits {
+        max_queue_wait: st.max_queue_wait,
+        timeout: timeout
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .map_or(st.request_timeout, |t| st.request_timeout.min(Duration::from_secs_f64(t))),
+        retry_after_secs: st.admission.retry_after_secs(),
+    };
     let mut choices = Vec::with_capacity(prompts.len() * n as usize);
     for (p, prompt) in prompts.into_iter().enumerate() {
         for i in 0..n {
             let mut params = params.clone();
             params.seed = params.seed.map(|s| s.wrapping_add(u64::from(i)));
             let index = p as u32 * n + i;
-            choices.push(Choice::start(
-                engine,
-                tokenizer,
-                model.clone(),
-                index,
-                prompt.clone(),
-                Arc::new(params),
-            )?);
+            let permit = permits.pop().expect("one permit per choice");
+            choices.push(Choice::start(serving, index, prompt.clone(), Arc::new(params), permit, limits)?);
         }
     }
     Ok(choices)

@@ -1,5 +1,6 @@
 //! The `inferd` binary.
 
+mod admission;
 mod args;
 mod detok;
 mod error;
@@ -128,6 +129,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics: Some(telemetry::install()?),
         stall_timeout: std::time::Duration::from_secs_f64(args.engine_stall_timeout),
         sse_keepalive: std::time::Duration::from_secs_f64(args.sse_keepalive.max(0.1)),
+        admission: admission::Admission::new(args.max_waiting_requests, args.max_waiting_tokens),
+        max_queue_wait: std::time::Duration::from_secs_f64(args.max_queue_wait.max(0.0)),
+        request_timeout: std::time::Duration::from_secs_f64(args.request_timeout.max(0.0)),
         ..Default::default()
     });
     let app = routes::router(state.clone(), args.max_body);

@@ -57,6 +57,8 @@ pub struct SamplingFields {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// Seconds this request may take in all (at most the server's --request-timeout).
+    pub timeout: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

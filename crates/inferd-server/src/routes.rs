@@ -161,7 +161,7 @@ async fn completions(
         model: serving.model_name.to_string(),
         route: Route::Completions,
     };
-    run(st.sse_keepalive, serving, envelope, prompts, params, &req.sampling).await
+    run(&st, serving, envelope, prompts, params, &req.sampling).await
 }
 
 async fn chat_completions(
@@ -194,12 +194,12 @@ async fn chat_completions(
         model: serving.model_name.to_string(),
         route: Route::Chat,
     };
-    run(st.sse_keepalive, serving, envelope, vec![prompt], params, &req.sampling).await
+    run(&st, serving, envelope, vec![prompt], params, &req.sampling).await
 }
 
 /// Starts the choices and answers in one body or as a stream.
 async fn run(
-    keepalive: Duration,
+    st: &crate::state::AppState,
     serving: &Serving,
     mut envelope: Envelope,
     prompts: Vec<Vec<u32>>,
@@ -220,14 +220,14 @@ async fn run(
             ));
         }
     }
-    let choices = start_choices(&serving.engine, &serving.tokenizer, &serving.model_name, prompts, &params)?;
+    let choices = start_choices(st, serving, prompts, &params, fields.timeout)?;
     let prefix = if envelope.route == Route::Chat { "chatcmpl" } else { "cmpl" };
     envelope.id = format!("{prefix}-{}", serving.engine.next_id().0);
     let tokenizer = serving.tokenizer.clone();
     let n = params.n;
     if fields.stream {
         let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream(envelope, choices, tokenizer, include_usage, n, keepalive).into_response())
+        Ok(stream(envelope, choices, tokenizer, include_usage, n, st.sse_keepalive).into_response())
     } else {
         let results = futures_util::future::join_all(choices.into_iter().map(collect)).await;
         let mut out = Vec::with_capacity(results.len());

@@ -43,6 +43,9 @@ pub struct AppState {
     /// step for this long.
     pub stall_timeout: Duration,
     pub sse_keepalive: Duration,
+    pub admission: Arc<crate::admission::Admission>,
+    pub max_queue_wait: Duration,
+    pub request_timeout: Duration,
 }
 
 impl Default for AppState {
@@ -54,6 +57,9 @@ impl Default for AppState {
             metrics: None,
             stall_timeout: Duration::from_secs(60),
             sse_keepalive: Duration::from_secs(15),
+            admission: crate::admission::Admission::new(256, 1_000_000),
+            max_queue_wait: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(600),
         }
     }
 }
