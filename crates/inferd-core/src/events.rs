@@ -71,6 +71,9 @@ pub enum StreamEvent {
     Finished { reason: FinishReason, usage: Usage },
     /// The last event of a sequence that the backend failed.
     Error { message: String },
+    /// The last event of a sequence cut off because the engine shut down
+    /// (draining ran out of time); retrying elsewhere is the right move.
+    Shutdown,
 }
 
 #[cfg(test)]

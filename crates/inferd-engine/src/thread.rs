@@ -190,10 +190,10 @@ impl<E: ModelExecutor> EngineLoop<E> {
             }
             self.stats.publish(&self.core.stats());
         }
-        // Whatever is left ends with an abort event, never silence.
+        // Whatever is left ends with a shutdown event, never silence.
         for (id, events) in self.streams.drain() {
-            let usage = self.core.abort(id, FinishReason::Abort).unwrap_or_default();
-            let _ = events.send(StreamEvent::Finished { reason: FinishReason::Abort, usage });
+            self.core.abort(id, FinishReason::Abort);
+            let _ = events.send(StreamEvent::Shutdown);
         }
         self.stats.publish(&self.core.stats());
     }

@@ -97,6 +97,15 @@ pub struct ServeArgs {
     /// Seconds a request may take in all; a request's `timeout` field may shorten it.
     #[arg(long, env = "INFERD_REQUEST_TIMEOUT", default_value_t = 600.0)]
     pub request_timeout: f64,
+    /// Seconds after SIGTERM/SIGINT during which new requests are still
+    /// served while /ready already reports draining (so the load balancer
+    /// stops sending before anything is refused).
+    #[arg(long, env = "INFERD_DRAIN_DELAY", default_value_t = 10.0)]
+    pub drain_delay: f64,
+    /// Seconds in-flight requests may run after the drain delay before they
+    /// are cut off with a final error event.
+    #[arg(long, env = "INFERD_DRAIN_TIMEOUT", default_value_t = 120.0)]
+    pub drain_timeout: f64,
     /// Log lines as `text` or `json` (for log shippers).
     #[arg(long, env = "INFERD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -33,6 +33,7 @@ pub struct Choice {
     permit: Permit,
     limits: Limits,
     arrival: Instant,
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// When a request must have been scheduled, and when it must have ended.
@@ -46,6 +47,7 @@ pub struct Limits {
 
 impl Drop for Choice {
     fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         // Dropped unfinished: the client went away; the engine aborts it.
         let reason = self.finish_reason.unwrap_or(FinishReason::Abort);
         self.timer.finished(reason, self.prompt_tokens, self.completion_tokens);
@@ -79,6 +81,7 @@ impl Choice {
         let rx = engine
             .add(req)
             .map_err(|e| ApiError::Unavailable { message: e.to_string(), retry_after_secs: 5 })?;
+        serving.open_choices.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(Choice {
             index,
             id,
@@ -94,6 +97,7 @@ impl Choice {
             permit,
             limits,
             arrival: Instant::now(),
+            open: serving.open_choices.clone(),
         })
     }
 
@@ -148,6 +152,15 @@ impl Choice {
                     let mut piece = Piece { text: self.matcher.flush(), ..Default::default() };
                     self.finish(reason, &mut piece);
                     return Some(Ok(piece));
+                }
+                StreamEvent::Shutdown => {
+                    self.rx = None;
+                    self.finish_reason = Some(FinishReason::Abort);
+                    self.timer.finished(FinishReason::Abort, self.prompt_tokens, self.completion_tokens);
+                    return Some(Err(ApiError::Unavailable {
+                        message: "The server is shutting down; the request was cut off. Retry it.".into(),
+                        retry_after_secs: 1,
+                    }));
                 }
                 StreamEvent::Error { message } => {
                     self.rx = None;

@@ -3,6 +3,7 @@
 mod admission;
 mod args;
 mod detok;
+mod drain;
 mod error;
 mod generate;
 mod openai;
@@ -97,6 +98,7 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<Serving> {
         max_model_len: caps.max_model_len,
         vocab_size: caps.vocab_size,
         kv_capacity_tokens: caps.num_blocks * caps.block_size,
+        open_choices: Default::default(),
         tokenizer: Arc::new(loaded.tokenizer),
         chat_template: loaded.chat_template,
     })
@@ -135,10 +137,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..Default::default()
     });
     let app = routes::router(state.clone(), args.max_body);
-    let server =
-        tokio::spawn(
-            async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await },
-        );
+    let drain = drain::Drain {
+        delay: std::time::Duration::from_secs_f64(args.drain_delay.max(0.0)),
+        timeout: std::time::Duration::from_secs_f64(args.drain_timeout.max(0.0)),
+    };
+    let server = tokio::spawn(
+        axum::serve(listener, app).with_graceful_shutdown(drain.run(state.clone())).into_future(),
+    );
     let load_args = args.clone();
     let serving = tokio::task::spawn_blocking(move || start_engine(&load_args)).await??;
     let model = serving.model_name.clone();
@@ -154,23 +159,4 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         s.engine.shutdown();
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down");
 }

@@ -39,6 +39,7 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/stats", get(stats))
         .fallback(|| async { ApiError::NotFound })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::drain::gate))
         .layer(axum::middleware::from_fn(crate::request_id::request_id))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)

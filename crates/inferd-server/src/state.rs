@@ -20,6 +20,8 @@ pub struct Serving {
     pub vocab_size: usize,
     /// Tokens the whole KV cache holds.
     pub kv_capacity_tokens: usize,
+    /// Sequences a client is still waiting on (draining waits for these).
+    pub open_choices: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Where the process is in its life, as readiness reports it.
@@ -46,6 +48,8 @@ pub struct AppState {
     pub admission: Arc<crate::admission::Admission>,
     pub max_queue_wait: Duration,
     pub request_timeout: Duration,
+    /// Set once the drain delay has passed: new API requests are refused.
+    pub refusing: std::sync::atomic::AtomicBool,
 }
 
 impl Default for AppState {
@@ -60,6 +64,7 @@ impl Default for AppState {
             admission: crate::admission::Admission::new(256, 1_000_000),
             max_queue_wait: Duration::from_secs(30),
             request_timeout: Duration::from_secs(600),
+            refusing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
