@@ -49,6 +49,21 @@ pub fn workspace() -> PathBuf {
 impl Server {
     /// Starts `inferd serve` with extra flags.
     pub fn start(extra: &[&str]) -> Server {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// Starts `inferd serve` with extra flags and environment variables,
+    /// and waits for its ready line.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn(extra, env, Stdio::inherit())
+    }
+
+    /// Like [`Server::start_with_env`], with the server's log (stderr) written to `log`.
+    pub fn start_logged(extra: &[&str], env: &[(&str, &str)], log: std::fs::File) -> Server {
+        Self::spawn(extra, env, Stdio::from(log))
+    }
+
+    fn spawn(extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Server {
         let root = workspace();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferd"));
         cmd.current_dir(&root)
@@ -56,8 +71,9 @@ impl Server {
             .args(["--max-model-len", "2048", "--threads", "2"])
             .args(extra)
             .env("INFERD_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         let mut child = cmd.spawn().expect("inferd starts");
         register(child.id() as i32);
         let stdout = child.stdout.take().expect("piped stdout");

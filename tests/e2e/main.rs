@@ -7,3 +7,4 @@ mod harness;
 mod openai_sdk;
 mod ops;
 mod overload;
+mod probes;

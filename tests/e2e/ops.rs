@@ -78,3 +78,26 @@ async fn readiness_metrics_and_request_ids() {
     let (status, _) = get_text(&srv, "/health").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id_and_never_the_prompt() {
+    let path = std::env::temp_dir().join(format!("inferd-json-log-{}.log", std::process::id()));
+    let log = std::fs::File::create(&path).unwrap();
+    let srv = Server::start_logged(&["--log-format", "json"], &[("INFERD_LOG", "info")], log);
+    let secret = "my secret prompt 4711";
+    let resp = client()
+        .post(srv.url("/v1/completions"))
+        .header("x-request-id", "trace-abc-123")
+        .json(&json!({"prompt": secret, "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(srv);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<Value> =
+        text.lines().map(|l| serde_json::from_str(l).expect("every log line is JSON")).collect();
+    assert!(lines.iter().any(|l| l.to_string().contains("trace-abc-123")), "{text}");
+    assert!(!text.contains(secret), "the prompt leaked into the log");
+    std::fs::remove_file(&path).ok();
+}

@@ -236,6 +236,8 @@ impl<E: ModelExecutor> EngineLoop<E> {
     }
 
     fn step(&mut self) {
+        #[cfg(debug_assertions)]
+        fault::stall();
         let started = Instant::now();
         let outputs = match self.core.step() {
             Ok(o) => o,
@@ -282,6 +284,28 @@ impl<E: ModelExecutor> EngineLoop<E> {
             };
             let _ = events.send(event);
             self.streams.remove(&o.id);
+        }
+    }
+}
+
+/// Fault injection for tests, compiled into debug builds only:
+/// `INFERD_FAULT_STALL_MS` makes every engine step sleep that long, so the
+/// stall detection of /health and /ready can be exercised.
+#[cfg(debug_assertions)]
+mod fault {
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    pub(super) fn stall() {
+        static STALL: OnceLock<Option<Duration>> = OnceLock::new();
+        let stall = STALL.get_or_init(|| {
+            std::env::var("INFERD_FAULT_STALL_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis)
+        });
+        if let Some(d) = stall {
+            std::thread::sleep(*d);
         }
     }
 }

@@ -56,6 +56,11 @@ fn init_tracing(format: &str) {
 
 /// Loads the model and starts the engine thread (blocking work).
 fn start_engine(args: &ServeArgs) -> anyhow::Result<Serving> {
+    // Fault injection for tests, debug builds only: a slow model load.
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("INFERD_FAULT_LOAD_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let path = resolve(&args.model, &args.catalog, &args.models_dir)?;
     let started = Instant::now();
     let loaded = load(

@@ -35,7 +35,12 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     req.headers_mut().insert(HEADER, value.clone());
     let span =
         tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
-    let mut resp = next.run(req).instrument(span).await;
+    let started = std::time::Instant::now();
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    // The access log line; never the body (prompts stay out of logs).
+    span.in_scope(|| {
+        tracing::info!(status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "handled");
+    });
     resp.headers_mut().insert(HEADER, value);
     resp
 }
