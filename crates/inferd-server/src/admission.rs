@@ -58,7 +58,11 @@ impl Admission {
                 while d.front().is_some_and(|t| now.duration_since(*t) > RATE_WINDOW) {
                     d.pop_front();
                 }
-                d.len() as f64 / RATE_WINDOW.as_secs_f64()
+                // Over the busy part of the window only: idle time before the
+                // first recent scheduling says nothing about the drain rate.
+                let span =
+                    d.front().map_or(RATE_WINDOW, |t| now.duration_since(*t)).max(Duration::from_secs(1));
+                d.len() as f64 / span.as_secs_f64()
             }
             Err(_) => 0.0,
         };
