@@ -61,3 +61,36 @@ async fn sigterm_drains_without_dropping_the_stream() {
     let status = tokio::task::spawn_blocking(move || srv.wait_exit(Duration::from_secs(30))).await.unwrap();
     assert_eq!(status.and_then(|s| s.code()), Some(0), "exit status {status:?}");
 }
+
+#[tokio::test]
+async fn drain_timeout_cuts_open_streams_with_an_error_event_and_a_second_signal_exits_at_once() {
+    let mut srv = Server::start(&["--drain-delay", "0.2", "--drain-timeout", "1"]);
+    let resp = client()
+        .post(srv.url("/v1/completions"))
+        .json(&json!({"prompt": "Never stop:", "max_tokens": 1500, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    srv.signal(libc::SIGTERM);
+    let t0 = Instant::now();
+    let mut text = String::new();
+    while let Some(Ok(chunk)) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(t0.elapsed() < Duration::from_secs(10), "drain timeout not applied");
+    let last_data = text.lines().filter_map(|l| l.strip_prefix("data: ")).rfind(|d| *d != "[DONE]").unwrap();
+    let event: Value = serde_json::from_str(last_data).unwrap();
+    assert!(event["error"]["message"].as_str().unwrap().contains("shutting down"), "{last_data}");
+    let status = tokio::task::spawn_blocking(move || srv.wait_exit(Duration::from_secs(30))).await.unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+
+    // A second signal does not wait for the drain.
+    let mut srv = Server::start(&["--drain-delay", "60"]);
+    srv.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    srv.signal(libc::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || srv.wait_exit(Duration::from_secs(5))).await.unwrap();
+    assert!(status.is_some(), "a second signal must exit at once");
+}

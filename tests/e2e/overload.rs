@@ -104,3 +104,33 @@ async fn a_request_past_its_deadline_ends_with_a_clear_error_and_frees_its_block
     assert_eq!(stats["kv_blocks_used"], 0, "{stats}");
     assert_eq!(stats["num_requests_running"], 0, "{stats}");
 }
+
+#[tokio::test]
+async fn a_stream_that_waits_too_long_in_the_queue_gets_an_sse_error_event() {
+    let srv = Server::start(&["--max-num-seqs", "1", "--max-queue-wait", "1", "--sse-keepalive", "0.3"]);
+    let base = srv.base.clone();
+    let long = tokio::spawn(async move {
+        client()
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt": "Go on:", "max_tokens": 400, "ignore_eos": true}))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resp = client()
+        .post(srv.url("/v1/completions"))
+        .json(&json!({"prompt": "Queued:", "max_tokens": 3, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the stream began before the wait ran out");
+    let text = resp.text().await.unwrap();
+    let error = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v.get("error").is_some())
+        .unwrap_or_else(|| panic!("no error event in {text:?}"));
+    assert_eq!(error["error"]["code"], "queue_timeout");
+    long.abort();
+}
