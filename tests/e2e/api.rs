@@ -207,3 +207,28 @@ async fn models_and_tokenize_round_trip() {
     .await;
     assert_eq!(chat["count"], 37);
 }
+
+/// Occupies the only running slot of a `--max-num-seqs 1` server with a long
+/// request, then starts a streamed request that has to wait in the queue;
+/// returns the queued stream's response and the occupying request's task.
+pub async fn stream_behind_a_long_request(
+    srv: &Server,
+    long_tokens: u32,
+) -> (reqwest::Response, tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>) {
+    let base = srv.base.clone();
+    let long = tokio::spawn(async move {
+        client()
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt": "Go on and on:", "max_tokens": long_tokens, "ignore_eos": true}))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued = client()
+        .post(srv.url("/v1/completions"))
+        .json(&json!({"prompt": "Queued:", "max_tokens": 3, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    (queued, long)
+}

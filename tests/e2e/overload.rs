@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::api::client;
+use crate::api::{client, stream_behind_a_long_request};
 use crate::harness::{Server, wait_idle};
 
 #[tokio::test]
@@ -108,21 +108,7 @@ async fn a_request_past_its_deadline_ends_with_a_clear_error_and_frees_its_block
 #[tokio::test]
 async fn a_stream_that_waits_too_long_in_the_queue_gets_an_sse_error_event() {
     let srv = Server::start(&["--max-num-seqs", "1", "--max-queue-wait", "1", "--sse-keepalive", "0.3"]);
-    let base = srv.base.clone();
-    let long = tokio::spawn(async move {
-        client()
-            .post(format!("{base}/v1/completions"))
-            .json(&json!({"prompt": "Go on:", "max_tokens": 400, "ignore_eos": true}))
-            .send()
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let resp = client()
-        .post(srv.url("/v1/completions"))
-        .json(&json!({"prompt": "Queued:", "max_tokens": 3, "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let (resp, long) = stream_behind_a_long_request(&srv, 400).await;
     assert_eq!(resp.status(), 200, "the stream began before the wait ran out");
     let text = resp.text().await.unwrap();
     let error = text

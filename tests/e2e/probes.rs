@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::api::client;
+use crate::api::{client, stream_behind_a_long_request};
 use crate::harness::{Server, workspace};
 
 async fn probe(base: &str, path: &str) -> Option<(u16, Value)> {
@@ -95,22 +95,7 @@ async fn a_stalled_engine_fails_health_and_readiness() {
 #[tokio::test]
 async fn keep_alive_comments_arrive_while_a_stream_waits_in_the_queue() {
     let srv = Server::start(&["--max-num-seqs", "1", "--sse-keepalive", "0.2"]);
-    // Occupy the only running slot.
-    let base = srv.base.clone();
-    let long = tokio::spawn(async move {
-        client()
-            .post(format!("{base}/v1/completions"))
-            .json(&json!({"prompt": "Go on and on:", "max_tokens": 120, "ignore_eos": true}))
-            .send()
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let resp = client()
-        .post(srv.url("/v1/completions"))
-        .json(&json!({"prompt": "Queued:", "max_tokens": 3, "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let (resp, long) = stream_behind_a_long_request(&srv, 120).await;
     let mut body = resp.bytes_stream();
     let chunk = tokio::time::timeout(Duration::from_secs(5), body.next()).await.unwrap().unwrap().unwrap();
     let text = String::from_utf8_lossy(&chunk);
