@@ -186,9 +186,11 @@ impl<E: ModelExecutor> EngineLoop<E> {
             }
             self.abort_abandoned();
             if self.core.has_work() {
+                // Publishes the counters itself, before delivering events.
                 self.step();
+            } else {
+                self.stats.publish(&self.core.stats());
             }
-            self.stats.publish(&self.core.stats());
         }
         // Whatever is left ends with a shutdown event, never silence.
         for (id, events) in self.streams.drain() {
