@@ -72,14 +72,21 @@ impl RopeTable {
     }
 
     /// Rotates `x` of shape `(T, heads, head_dim)` by the gathered rows.
+    /// Each token is its own batch entry of length 1, so both layouts work
+    /// on views of `x` without transposing it.
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
-        if interleaved {
-            // rope_i wants (batch, heads, T, head_dim).
-            let x = x.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-            candle_nn::rotary_emb::rope_i(&x, cos, sin)?.squeeze(0)?.transpose(0, 1)?.contiguous()
+        let (t, heads, dim) = x.dims3()?;
+        let cos = cos.reshape((t, 1, dim / 2))?;
+        let sin = sin.reshape((t, 1, dim / 2))?;
+        let x = x.contiguous()?;
+        let y = if interleaved {
+            // rope_i wants (batch, heads, seq, dim).
+            candle_nn::rotary_emb::rope_i(&x.reshape((t, heads, 1, dim))?, &cos, &sin)?
         } else {
-            candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)
-        }
+            // rope_thd wants (batch, seq, heads, dim).
+            candle_nn::rotary_emb::rope_thd(&x.reshape((t, 1, heads, dim))?, &cos, &sin)?
+        };
+        y.reshape((t, heads, dim))
     }
 }
 

@@ -13,6 +13,9 @@ use crate::ModelInput;
 /// Largest supported block size (the per-block score buffer lives on the stack).
 pub const MAX_BLOCK_SIZE: usize = 128;
 const LANES: usize = 16;
+/// Query-key pairs (over all heads) below which a step's attention runs on
+/// the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 15;
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -103,13 +106,27 @@ pub(crate) fn paged_attention<T: KvElem>(
 ) -> Vec<f32> {
     let mut out = vec![0f32; q.len()];
     let group = s.heads / s.kv_heads;
-    out.par_chunks_mut(s.head_dim).zip(q.par_chunks(s.head_dim)).enumerate().for_each(|(i, (o, qrow))| {
+    let one = |i: usize, o: &mut [f32], qrow: &[f32]| {
         let (t, h) = (i / s.heads, i % s.heads);
         let seq = token_seq[t] as usize;
         // Causal: a token sees its own position and everything before it.
         let ctx = input.positions[t] as usize + 1;
         attend_one(qrow, o, kv, input.block_table(seq), ctx, h / group, s);
-    });
+    };
+    // Small batches (a few decode rows) run on this thread: waking the rayon
+    // pool costs more than the work and competes with candle's spinning pool.
+    let work: usize = input.positions.iter().map(|&p| p as usize + 1).sum::<usize>() * s.heads;
+    if work < PARALLEL_MIN_WORK {
+        out.chunks_mut(s.head_dim)
+            .zip(q.chunks(s.head_dim))
+            .enumerate()
+            .for_each(|(i, (o, qrow))| one(i, o, qrow));
+    } else {
+        out.par_chunks_mut(s.head_dim)
+            .zip(q.par_chunks(s.head_dim))
+            .enumerate()
+            .for_each(|(i, (o, qrow))| one(i, o, qrow));
+    }
     out
 }
 
