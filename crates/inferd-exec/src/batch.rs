@@ -141,7 +141,8 @@ impl BatchState {
         output: &ModelOutput,
     ) -> Result<Vec<Option<Sampled>>, ExecError> {
         let (rows, vocab) = output.logits.dims2()?;
-        let logits = output.logits.flatten_all()?.to_vec1::<f32>()?;
+        // One host copy of the logits; each row is then sampled in place.
+        let mut logits = output.logits.flatten_all()?.to_vec1::<f32>()?;
         let mut row = 0;
         let mut sampled = Vec::with_capacity(out.num_seqs());
         for (id, n) in out.batch() {
@@ -154,7 +155,7 @@ impl BatchState {
             if row >= rows {
                 return Err(ExecError::Input(format!("no logits row for {id}")));
             }
-            let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
+            let l = &mut logits[row * vocab..(row + 1) * vocab];
             row += 1;
             let ctx = SampleContext {
                 params: &s.params,
@@ -162,7 +163,7 @@ impl BatchState {
                 prompt_len: s.prompt_len,
                 eos_token_ids: &self.eos_token_ids,
             };
-            let (token, logprobs) = sample(&mut l, &ctx, &mut s.rng);
+            let (token, logprobs) = sample(l, &ctx, &mut s.rng);
             s.tokens.push(token);
             sampled.push(Some(Sampled { token, logprobs }));
         }
