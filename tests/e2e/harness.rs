@@ -40,6 +40,18 @@ fn register(pid: i32) {
 pub struct Server {
     child: Child,
     pub base: String,
+    /// Its usage ledger (a fresh file per server unless `--ledger` was given).
+    pub ledger: PathBuf,
+}
+
+/// A fresh, empty folder for one test's files.
+pub fn temp_dir(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("inferd-e2e-{}-{n}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
 }
 
 pub fn workspace() -> PathBuf {
@@ -65,10 +77,19 @@ impl Server {
 
     fn spawn(extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Server {
         let root = workspace();
+        let ledger = match extra.iter().position(|a| *a == "--ledger") {
+            Some(i) => PathBuf::from(extra[i + 1]),
+            None => temp_dir("ledger").join("usage.db"),
+        };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferd"));
         cmd.current_dir(&root)
             .args(["serve", "--host", "127.0.0.1", "--port", "0", "--kv-cache-memory", "256MiB"])
             .args(["--max-model-len", "2048", "--threads", "2"])
+            .args(if extra.contains(&"--ledger") {
+                vec![]
+            } else {
+                vec!["--ledger", ledger.to_str().unwrap_or_default()]
+            })
             .args(extra)
             .env("INFERD_LOG", "warn")
             .envs(env.iter().copied())
@@ -93,7 +114,7 @@ impl Server {
                 panic!("inferd printed no ready line within 120 s");
             }
         };
-        Server { child, base }
+        Server { child, base, ledger }
     }
 
     pub fn url(&self, path: &str) -> String {

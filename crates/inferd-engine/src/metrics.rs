@@ -26,6 +26,19 @@ pub const REQUESTS_TOTAL: &str = "inferd_requests_total";
 /// Label `reason`.
 pub const REQUESTS_REJECTED_TOTAL: &str = "inferd_requests_rejected_total";
 pub const PREEMPTIONS_TOTAL: &str = "inferd_preemptions_total";
+/// Per tenant (configured tenants only, so the label set stays bounded).
+pub const TENANT_REQUESTS_TOTAL: &str = "inferd_tenant_requests_total";
+pub const TENANT_PROMPT_TOKENS_TOTAL: &str = "inferd_tenant_prompt_tokens_total";
+pub const TENANT_GENERATION_TOKENS_TOTAL: &str = "inferd_tenant_generation_tokens_total";
+pub const TENANT_REJECTIONS_TOTAL: &str = "inferd_tenant_rejections_total";
+pub const FEEDBACK_TOTAL: &str = "inferd_feedback_total";
+pub const COST_PER_MILLION_TOKENS: &str = "inferd_cost_per_million_tokens_usd";
+pub const COST_THROUGHPUT: &str = "inferd_cost_throughput_tokens_per_second";
+pub const LEDGER_RECORDS_TOTAL: &str = "inferd_ledger_records_total";
+pub const LEDGER_COMMITS_TOTAL: &str = "inferd_ledger_commits_total";
+pub const LEDGER_BUSY_SECONDS: &str = "inferd_ledger_busy_seconds";
+pub const LEDGER_ERRORS_TOTAL: &str = "inferd_ledger_errors_total";
+pub const LEDGER_PENDING: &str = "inferd_ledger_pending";
 pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "inferd_prefix_cache_queries_total";
 pub const PREFIX_CACHE_HITS_TOTAL: &str = "inferd_prefix_cache_hits_total";
 
@@ -63,6 +76,24 @@ pub fn describe() {
     describe_counter!(REQUESTS_TOTAL, "Finished sequences by status and finish reason.");
     describe_counter!(REQUESTS_REJECTED_TOTAL, "Requests refused before running, by reason.");
     describe_counter!(PREEMPTIONS_TOTAL, "Sequences preempted by recompute.");
+    describe_counter!(TENANT_REQUESTS_TOTAL, "Requests that ran, by tenant and outcome.");
+    describe_counter!(TENANT_PROMPT_TOKENS_TOTAL, "Prompt tokens metered, by tenant.");
+    describe_counter!(TENANT_GENERATION_TOKENS_TOTAL, "Completion tokens metered, by tenant.");
+    describe_counter!(TENANT_REJECTIONS_TOTAL, "Requests refused, by tenant and reason.");
+    describe_counter!(
+        FEEDBACK_TOTAL,
+        "Ratings received, by model and rating (last rating wins per request)."
+    );
+    describe_gauge!(
+        COST_PER_MILLION_TOKENS,
+        "Estimated USD per million tokens: --instance-hourly-cost over measured busy throughput."
+    );
+    describe_gauge!(COST_THROUGHPUT, "Tokens per busy engine second over the cost window.");
+    describe_counter!(LEDGER_RECORDS_TOTAL, "Usage records committed to the ledger.");
+    describe_counter!(LEDGER_COMMITS_TOTAL, "Ledger transactions committed (each holds a batch).");
+    describe_gauge!(LEDGER_BUSY_SECONDS, "Seconds the ledger writer has spent committing since start.");
+    describe_counter!(LEDGER_ERRORS_TOTAL, "Failed ledger commits (retried; records are kept).");
+    describe_gauge!(LEDGER_PENDING, "Ledger operations queued and not yet committed.");
     describe_counter!(PREFIX_CACHE_QUERIES_TOTAL, "Prompt tokens looked up in the prefix cache.");
     describe_counter!(PREFIX_CACHE_HITS_TOTAL, "Prompt tokens found in the prefix cache.");
 }

@@ -39,6 +39,8 @@ pub struct EngineStats {
     pub generated_tokens: AtomicU64,
     /// Milliseconds since the engine started at the last finished step.
     pub last_step_ms: AtomicU64,
+    /// Microseconds spent in steps (the engine's busy time).
+    pub busy_micros: AtomicU64,
     /// Set while the engine has work queued or running.
     pub busy: AtomicBool,
     /// Set when the engine thread has exited.
@@ -249,6 +251,7 @@ impl<E: ModelExecutor> EngineLoop<E> {
         metrics::histogram!(crate::metrics::ENGINE_STEP_TOKENS).record(self.core.last_step_tokens() as f64);
         let r = Ordering::Relaxed;
         self.stats.steps.fetch_add(1, r);
+        self.stats.busy_micros.fetch_add(started.elapsed().as_micros() as u64, r);
         self.stats.last_step_ms.store(self.started.elapsed().as_millis() as u64, r);
         // Publish before delivering, so a client that sees its request end
         // also sees its blocks freed in /stats and /metrics.

@@ -18,6 +18,27 @@ pub struct Cli {
 pub enum Command {
     /// Serve a model over the OpenAI-compatible HTTP API.
     Serve(Box<ServeArgs>),
+    /// API keys for the tenants of --config.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print the SHA-256 of a key (read from standard input when not given),
+    /// as the config's `sha256` wants it.
+    Hash { key: Option<String> },
+    /// Make a new random key and print it with its hash.
+    New,
+}
+
+/// How hard the ledger's commits wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LedgerDurability {
+    /// A committed record survives the process being killed.
+    Process,
+    /// It survives power loss too (one fsync per commit).
+    Full,
 }
 
 /// Parses sizes such as `512MiB`, `2GiB`, `1G` or plain bytes.
@@ -116,6 +137,23 @@ pub struct ServeArgs {
     /// /health and /ready report it stalled.
     #[arg(long, env = "INFERD_ENGINE_STALL_TIMEOUT", default_value_t = 60.0)]
     pub engine_stall_timeout: f64,
+    /// TOML file of tenants, API keys (SHA-256) and limits; without it the
+    /// API is open to anyone as the single tenant `default`.
+    #[arg(long, env = "INFERD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The SQLite usage ledger (created if missing).
+    #[arg(long, env = "INFERD_LEDGER", default_value = "data/usage.db")]
+    pub ledger: PathBuf,
+    /// process: records survive a crash of inferd; full: power loss too.
+    #[arg(long, env = "INFERD_LEDGER_DURABILITY", value_enum, default_value = "process")]
+    pub ledger_durability: LedgerDurability,
+    /// What the instance costs per hour in USD; prices tokens in the
+    /// ledger and the cost gauge.
+    #[arg(long, env = "INFERD_INSTANCE_HOURLY_COST")]
+    pub instance_hourly_cost: Option<f64>,
+    /// Seconds of history the throughput behind the cost is measured over.
+    #[arg(long, env = "INFERD_COST_WINDOW", default_value_t = 600.0)]
+    pub cost_window: f64,
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::limits::{LimitKind, Refusal};
+
 /// An error the API returns to the client.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
@@ -29,7 +31,19 @@ pub enum ApiError {
     Timeout { limit_secs: f64 },
     /// A failure of ours, never caused by input (500).
     Internal(String),
+    /// Missing or unknown API key (401). Never carries the key.
+    Unauthorized { message: &'static str, code: &'static str },
+    /// Not allowed for this tenant (403).
+    Forbidden(String),
+    /// No request with this id was made by this tenant (404).
+    UnknownRequest(String),
+    /// Over one of the tenant's limits (429).
+    RateLimited { limit: LimitKind, message: String, retry_after_secs: u64 },
 }
+
+/// Set on every refusal's response: why, for per-tenant metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Rejected(pub &'static str);
 
 impl ApiError {
     pub fn invalid(message: impl Into<String>, param: impl Into<Option<&'static str>>) -> Self {
@@ -61,6 +75,24 @@ impl ApiError {
             }
             ApiError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout_error", Some("timeout")),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            ApiError::Unauthorized { code, .. } => {
+                (StatusCode::UNAUTHORIZED, "invalid_request_error", Some(*code))
+            }
+            ApiError::Forbidden(_) => {
+                (StatusCode::FORBIDDEN, "invalid_request_error", Some("permission_denied"))
+            }
+            ApiError::UnknownRequest(_) => {
+                (StatusCode::NOT_FOUND, "invalid_request_error", Some("request_not_found"))
+            }
+            ApiError::RateLimited { limit, .. } if limit.is_quota() => {
+                (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", Some("insufficient_quota"))
+            }
+            ApiError::RateLimited { limit: LimitKind::TokensPerMinute, .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "tokens", Some("rate_limit_exceeded"))
+            }
+            ApiError::RateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "requests", Some("rate_limit_exceeded"))
+            }
         }
     }
 
@@ -69,7 +101,8 @@ impl ApiError {
         match self {
             ApiError::Unavailable { retry_after_secs, .. }
             | ApiError::Overloaded { retry_after_secs }
-            | ApiError::QueueTimeout { retry_after_secs, .. } => Some(*retry_after_secs),
+            | ApiError::QueueTimeout { retry_after_secs, .. }
+            | ApiError::RateLimited { retry_after_secs, .. } => Some(*retry_after_secs),
             _ => None,
         }
     }
@@ -77,7 +110,14 @@ impl ApiError {
     pub fn message(&self) -> String {
         match self {
             ApiError::Invalid { message, .. } => message.clone(),
-            ApiError::ModelNotFound(m) => format!("The model `{m}` does not exist."),
+            ApiError::ModelNotFound(m) => {
+                format!("The model `{m}` does not exist or you do not have access to it.")
+            }
+            ApiError::Unauthorized { message, .. } => message.to_string(),
+            ApiError::Forbidden(m) | ApiError::RateLimited { message: m, .. } => m.clone(),
+            ApiError::UnknownRequest(id) => {
+                format!("No request with id `{id}` was made with this tenant's keys.")
+            }
             ApiError::NotFound => "Unknown route.".into(),
             ApiError::TooLarge(m) | ApiError::UnsupportedMediaType(m) | ApiError::Internal(m) => m.clone(),
             ApiError::Unavailable { message, .. } => message.clone(),
@@ -103,19 +143,70 @@ impl ApiError {
             ApiError::ModelNotFound(_) => Some("model".into()),
             _ => None,
         };
-        json!({ "error": { "message": self.message(), "type": kind, "param": param, "code": code } })
+        let mut body =
+            json!({ "error": { "message": self.message(), "type": kind, "param": param, "code": code } });
+        if let ApiError::RateLimited { limit, .. } = self {
+            body["error"]["limit"] = json!(limit.as_str());
+        }
+        body
+    }
+
+    /// The `reason` label of a refusal in the rejection metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::RateLimited { limit, .. } => limit.as_str(),
+            other => other.parts().2.unwrap_or("invalid_request"),
+        }
+    }
+
+    /// A tenant's refusal, worded for the client.
+    pub fn from_refusal(tenant: &str, r: Refusal) -> Self {
+        match r {
+            Refusal::TooLarge { kind, limit, requested } => ApiError::invalid(
+                format!(
+                    "This request may use up to {requested} tokens (prompt + max_tokens for every choice), more than tenant `{tenant}`'s {} of {limit}. Lower max_tokens or n.",
+                    kind.as_str()
+                ),
+                "max_tokens",
+            ),
+            Refusal::Exceeded { kind, limit, requested, available, retry_after } => {
+                let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                let message = if kind.is_quota() {
+                    let resets = crate::clock::now_unix() + secs as i64;
+                    format!(
+                        "Token quota exhausted for tenant `{tenant}`: {} is {limit}, this request may use {requested} and {available} are left. The quota resets at {}T00:00:00Z, in {secs} s.",
+                        kind.as_str(),
+                        crate::clock::date_string(resets)
+                    )
+                } else if kind == LimitKind::Concurrency {
+                    format!(
+                        "Too many concurrent requests for tenant `{tenant}`: {} is {limit}. Retry when one ends.",
+                        kind.as_str()
+                    )
+                } else {
+                    format!(
+                        "Rate limit reached for tenant `{tenant}` on {}: limit {limit}, requested {requested}, available {available}. Retry in {secs} s.",
+                        kind.as_str()
+                    )
+                };
+                ApiError::RateLimited { limit: kind, message, retry_after_secs: secs }
+            }
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, _, code) = self.parts();
-        if !matches!(self, ApiError::Internal(_) | ApiError::Timeout { .. }) {
-            let reason = code.unwrap_or("invalid_request");
-            metrics::counter!(inferd_engine::metrics::REQUESTS_REJECTED_TOTAL, "reason" => reason)
+        let (status, _, _) = self.parts();
+        let rejected = !matches!(self, ApiError::Internal(_) | ApiError::Timeout { .. });
+        if rejected {
+            metrics::counter!(inferd_engine::metrics::REQUESTS_REJECTED_TOTAL, "reason" => self.reason())
                 .increment(1);
         }
         let mut resp = (status, Json(self.body())).into_response();
+        if rejected {
+            resp.extensions_mut().insert(Rejected(self.reason()));
+        }
         if let Some(secs) = self.retry_after_secs() {
             resp.headers_mut().insert("retry-after", secs.max(1).into());
         }

@@ -13,6 +13,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::admission::Permit;
 use crate::detok::{IncrementalDecoder, StopMatcher};
 use crate::error::ApiError;
+use crate::meter::{ChoiceEnd, Outcome, RequestMeter};
 use crate::telemetry::SeqTimer;
 
 /// One choice (one sequence) of a request.
@@ -34,6 +35,14 @@ pub struct Choice {
     limits: Limits,
     arrival: Instant,
     open: Arc<std::sync::atomic::AtomicUsize>,
+    meter: Arc<RequestMeter>,
+    /// Whether this choice's prompt counts in usage (first choice of its prompt).
+    counts_prompt: bool,
+    scheduled_at: Option<Instant>,
+    first_token_at: Option<Instant>,
+    /// Kept only when the tenant keeps prompts.
+    text: Option<String>,
+    ended: bool,
 }
 
 /// When a request must have been scheduled, and when it must have ended.
@@ -49,8 +58,7 @@ impl Drop for Choice {
     fn drop(&mut self) {
         self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         // Dropped unfinished: the client went away; the engine aborts it.
-        let reason = self.finish_reason.unwrap_or(FinishReason::Abort);
-        self.timer.finished(reason, self.prompt_tokens, self.completion_tokens);
+        self.end(FinishReason::Abort, Outcome::ClientDisconnect);
     }
 }
 
@@ -65,23 +73,29 @@ pub struct Piece {
 
 impl Choice {
     /// Queues one sequence on the engine.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         serving: &crate::state::Serving,
         index: u32,
+        counts_prompt: bool,
         prompt: Vec<u32>,
         params: Arc<SamplingParams>,
         permit: Permit,
         limits: Limits,
+        meter: Arc<RequestMeter>,
     ) -> Result<Self, ApiError> {
         let engine = &serving.engine;
         let id = engine.next_id();
         let prompt_tokens = prompt.len() as u32;
         let stops = params.stop.clone();
-        let req = SequenceRequest { id, prompt, params, priority: 0, arrival: Instant::now() };
+        let priority = meter.priority();
+        let req = SequenceRequest { id, prompt, params, priority, arrival: Instant::now() };
         let rx = engine
             .add(req)
             .map_err(|e| ApiError::Unavailable { message: e.to_string(), retry_after_secs: 5 })?;
         serving.open_choices.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        meter.choice_started();
+        let text = meter.keeps_text().then(String::new);
         Ok(Choice {
             index,
             id,
@@ -98,7 +112,35 @@ impl Choice {
             limits,
             arrival: Instant::now(),
             open: serving.open_choices.clone(),
+            meter,
+            counts_prompt,
+            scheduled_at: None,
+            first_token_at: None,
+            text,
+            ended: false,
         })
+    }
+
+    /// Records the end of the choice once: metrics, and its part of the
+    /// request's usage.
+    fn end(&mut self, reason: FinishReason, outcome: Outcome) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        self.rx = None;
+        self.finish_reason = Some(reason);
+        self.timer.finished(reason, self.prompt_tokens, self.completion_tokens);
+        self.meter.choice_ended(ChoiceEnd {
+            counts_prompt: self.counts_prompt,
+            prompt_tokens: self.prompt_tokens,
+            cached_prompt_tokens: self.cached_prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            reason,
+            outcome,
+            scheduled_at: self.scheduled_at,
+            first_token_at: self.first_token_at,
+            text: self.text.take(),
+        });
     }
 
     /// The next piece of output; `None` once the choice has finished.
@@ -112,10 +154,10 @@ impl Choice {
             let Ok(event) = tokio::time::timeout_at(until.into(), rx.recv()).await else {
                 // A deadline passed: stop computing for it and say which.
                 self.engine.abort(self.id, FinishReason::Abort);
-                self.rx = None;
-                self.finish_reason = Some(FinishReason::Abort);
-                self.timer.finished(FinishReason::Abort, self.prompt_tokens, self.completion_tokens);
-                return Some(Err(if !scheduled && queue_deadline <= deadline {
+                let queued = !scheduled && queue_deadline <= deadline;
+                let outcome = if queued { Outcome::QueueTimeout } else { Outcome::Timeout };
+                self.end(FinishReason::Abort, outcome);
+                return Some(Err(if queued {
                     ApiError::QueueTimeout {
                         waited_secs: self.arrival.elapsed().as_secs_f64(),
                         retry_after_secs: self.limits.retry_after_secs,
@@ -125,20 +167,25 @@ impl Choice {
                 }));
             };
             let Some(event) = event else {
-                self.rx = None;
+                self.end(FinishReason::Error, Outcome::Error);
                 return Some(Err(ApiError::Internal("the engine dropped the request".into())));
             };
             match event {
                 StreamEvent::Scheduled { cached_prompt_tokens } => {
                     self.cached_prompt_tokens = cached_prompt_tokens;
+                    self.scheduled_at.get_or_insert_with(Instant::now);
                     self.timer.scheduled();
                     self.permit.scheduled();
                 }
                 StreamEvent::Token { token, logprobs } => {
                     self.completion_tokens += 1;
+                    self.first_token_at.get_or_insert_with(Instant::now);
                     self.timer.token();
                     let delta = self.decoder.push(token);
                     let out = self.matcher.push(&delta);
+                    if let Some(t) = &mut self.text {
+                        t.push_str(&out.text);
+                    }
                     let mut piece =
                         Piece { text: out.text, logprobs: logprobs.map(|l| (token, l)), finished: None };
                     if out.stopped {
@@ -150,22 +197,21 @@ impl Choice {
                 }
                 StreamEvent::Finished { reason, .. } => {
                     let mut piece = Piece { text: self.matcher.flush(), ..Default::default() };
+                    if let Some(t) = &mut self.text {
+                        t.push_str(&piece.text);
+                    }
                     self.finish(reason, &mut piece);
                     return Some(Ok(piece));
                 }
                 StreamEvent::Shutdown => {
-                    self.rx = None;
-                    self.finish_reason = Some(FinishReason::Abort);
-                    self.timer.finished(FinishReason::Abort, self.prompt_tokens, self.completion_tokens);
+                    self.end(FinishReason::Abort, Outcome::Shutdown);
                     return Some(Err(ApiError::Unavailable {
                         message: "The server is shutting down; the request was cut off. Retry it.".into(),
                         retry_after_secs: 1,
                     }));
                 }
                 StreamEvent::Error { message } => {
-                    self.rx = None;
-                    self.finish_reason = Some(FinishReason::Error);
-                    self.timer.finished(FinishReason::Error, self.prompt_tokens, self.completion_tokens);
+                    self.end(FinishReason::Error, Outcome::Error);
                     return Some(Err(ApiError::Internal(message)));
                 }
             }
@@ -173,10 +219,8 @@ impl Choice {
     }
 
     fn finish(&mut self, reason: FinishReason, piece: &mut Piece) {
-        self.finish_reason = Some(reason);
-        self.timer.finished(reason, self.prompt_tokens, self.completion_tokens);
+        self.end(reason, Outcome::Completed);
         piece.finished = Some(reason);
-        self.rx = None;
     }
 }
 
@@ -188,6 +232,7 @@ pub fn start_choices(
     prompts: Vec<Vec<u32>>,
     params: &SamplingParams,
     timeout: Option<f64>,
+    meter: &Arc<RequestMeter>,
 ) -> Result<Vec<Choice>, ApiError> {
     let n = params.n;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -206,7 +251,16 @@ pub fn start_choices(
             params.seed = params.seed.map(|s| s.wrapping_add(u64::from(i)));
             let index = p as u32 * n + i;
             let permit = permits.pop().expect("one permit per choice");
-            choices.push(Choice::start(serving, index, prompt.clone(), Arc::new(params), permit, limits)?);
+            choices.push(Choice::start(
+                serving,
+                index,
+                i == 0,
+                prompt.clone(),
+                Arc::new(params),
+                permit,
+                limits,
+                meter.clone(),
+            )?);
         }
     }
     Ok(choices)

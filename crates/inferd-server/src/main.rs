@@ -2,16 +2,24 @@
 
 mod admission;
 mod args;
+mod auth;
+mod clock;
+mod cost;
 mod detok;
 mod drain;
 mod error;
 mod generate;
+mod limits;
+mod meter;
 mod openai;
+mod redact;
 mod request_id;
 mod responses;
 mod routes;
 mod state;
 mod telemetry;
+mod tenants;
+mod usage;
 mod validate;
 
 use std::sync::Arc;
@@ -24,8 +32,9 @@ use inferd_exec::{CpuExecutor, CpuExecutorConfig, ModelExecutor};
 use inferd_models::{LoadOptions, load, resolve};
 use tracing_subscriber::EnvFilter;
 
-use crate::args::{Cli, Command, ServeArgs};
+use crate::args::{Cli, Command, KeysCommand, LedgerDurability, ServeArgs};
 use crate::state::{AppState, Serving};
+use inferd_ledger::{Durability, Ledger};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -40,6 +49,70 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(*args))
+        }
+        Command::Keys(KeysCommand::Hash { key }) => {
+            let key = match key {
+                Some(k) => k,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            anyhow::ensure!(!key.is_empty(), "the key is empty");
+            println!("{}", tenants::hash_key(&key));
+            Ok(())
+        }
+        Command::Keys(KeysCommand::New) => {
+            let key = tenants::new_key();
+            println!("key:    {key}");
+            println!("sha256: {}", tenants::hash_key(&key));
+            Ok(())
+        }
+    }
+}
+
+/// Opens the ledger and builds the tenants, whose quotas start from what
+/// the ledger says they used this UTC day and month.
+fn open_accounts(args: &ServeArgs) -> anyhow::Result<(Arc<Ledger>, tenants::Tenants)> {
+    let durability = match args.ledger_durability {
+        LedgerDurability::Process => Durability::Process,
+        LedgerDurability::Full => Durability::Full,
+    };
+    let ledger = Arc::new(Ledger::open(&args.ledger, durability)?);
+    let config = match &args.config {
+        Some(path) => tenants::ConfigFile::load(path)?,
+        None => tenants::ConfigFile::default(),
+    };
+    let now = clock::now_unix();
+    let day = ledger.read(|c| inferd_ledger::tokens_by_tenant_since(c, clock::day_start(now) * 1000))?;
+    let month = ledger.read(|c| inferd_ledger::tokens_by_tenant_since(c, clock::month_start(now) * 1000))?;
+    let used = month.iter().map(|(t, &m)| (t.clone(), (day.get(t).copied().unwrap_or(0), m))).collect();
+    let tenants = tenants::Tenants::new(&config, &used, now)?;
+    if tenants.is_open() {
+        tracing::warn!(
+            "no tenants configured (--config): the API is open to anyone, metered as tenant `default`"
+        );
+    } else {
+        tracing::info!(tenants = tenants.all().len(), "tenants loaded");
+    }
+    Ok((ledger, tenants))
+}
+
+/// Refreshes the cost estimate every few seconds.
+async fn sample_costs(st: Arc<AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let Some(serving) = st.serving.get() else { continue };
+        let busy = serving.engine.stats().busy_micros.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some((throughput, per_million)) = st.cost.sample(busy) {
+            let model = serving.model_name.to_string();
+            metrics::gauge!(inferd_engine::metrics::COST_THROUGHPUT, "model" => model.clone())
+                .set(throughput);
+            if let Some(c) = per_million {
+                metrics::gauge!(inferd_engine::metrics::COST_PER_MILLION_TOKENS, "model" => model).set(c);
+            }
         }
     }
 }
@@ -132,7 +205,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
+    let (ledger, tenants) = open_accounts(&args)?;
     let state = Arc::new(AppState {
+        tenants: Arc::new(tenants),
+        ledger: Some(ledger.clone()),
+        cost: Arc::new(cost::CostTracker::new(
+            args.instance_hourly_cost,
+            std::time::Duration::from_secs_f64(args.cost_window.max(1.0)),
+        )),
         metrics: Some(telemetry::install()?),
         stall_timeout: std::time::Duration::from_secs_f64(args.engine_stall_timeout),
         sse_keepalive: std::time::Duration::from_secs_f64(args.sse_keepalive.max(0.1)),
@@ -159,9 +239,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!(
         "try: curl http://{addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'"
     );
+    tokio::spawn(sample_costs(state.clone()));
     server.await??;
     if let Some(s) = state.serving.get() {
         s.engine.shutdown();
     }
+    // Records of requests cut off by the shutdown are queued by now.
+    ledger.close();
     Ok(())
 }

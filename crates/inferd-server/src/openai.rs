@@ -59,6 +59,11 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     /// Seconds this request may take in all (at most the server's --request-timeout).
     pub timeout: Option<f64>,
+    /// OpenAI's end-user id; the usage ledger's feature tag when neither
+    /// `X-Inferd-Feature` nor `metadata.feature` is given.
+    pub user: Option<String>,
+    /// OpenAI's free-form request metadata; `feature` tags usage.
+    pub metadata: Option<std::collections::HashMap<String, serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -16,7 +16,8 @@ pub const HEADER: &str = "x-request-id";
 /// Longest client-supplied id kept; longer or non-visible-ASCII ids are replaced.
 const MAX_LEN: usize = 128;
 
-fn generate() -> String {
+/// A new id, unique across restarts and processes of this host.
+pub fn generate() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -3,15 +3,15 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures_util::StreamExt;
 use inferd_core::{FinishReason, SamplingParams};
 use inferd_models::ChatMessage;
@@ -20,20 +20,29 @@ use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::generate::{Choice, Piece, start_choices};
+use crate::meter::{RequestInfo, RequestMeter};
 use crate::openai::{
     ChatRequest, CompletionRequest, DetokenizeRequest, Message, MessageContent, Prompt, TokenizeRequest,
 };
 use crate::responses::{Envelope, Route, UsageTotals, logprobs_json};
 use crate::state::{Phase, Serving, SharedState};
+use crate::tenants::Caller;
 use crate::validate::sampling_params;
 
 pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
-    Router::new()
+    // API routes need a key when tenants are configured; health, readiness,
+    // metrics and stats are for operators and load balancers.
+    let api = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/usage", get(crate::usage::usage))
+        .route("/v1/feedback", post(crate::usage::feedback))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::auth::authenticate));
+    Router::new()
+        .merge(api)
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
@@ -113,11 +122,21 @@ fn check_tokens(serving: &Serving, ids: &[u32]) -> Result<(), ApiError> {
 
 async fn completions(
     State(st): State<SharedState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
     let Json(req) = body?;
     let serving = st.serving()?;
-    serving.check_model(req.model.as_deref())?;
+    serving.check_model(req.model.as_deref(), &caller)?;
+    let feature = feature_tag(&headers, &req.sampling)?;
+    let kept_prompt = caller.tenant.log_prompts.then(|| match &req.prompt {
+        Prompt::Text(s) => s.clone(),
+        Prompt::Texts(v) => serde_json::to_string(v).unwrap_or_default(),
+        Prompt::Tokens(t) => serde_json::to_string(t).unwrap_or_default(),
+        Prompt::TokenLists(t) => serde_json::to_string(t).unwrap_or_default(),
+    });
     if req.echo {
         return Err(ApiError::invalid("echo is not supported", "echo"));
     }
@@ -162,16 +181,28 @@ async fn completions(
         model: serving.model_name.to_string(),
         route: Route::Completions,
     };
-    run(&st, serving, envelope, prompts, params, &req.sampling).await
+    let ctx = RequestCtx { caller, request_id: request_id_of(&headers), feature, kept_prompt, arrival };
+    run(&st, serving, envelope, prompts, params, &req.sampling, ctx).await
 }
 
 async fn chat_completions(
     State(st): State<SharedState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
     let Json(req) = body?;
     let serving = st.serving()?;
-    serving.check_model(req.model.as_deref())?;
+    serving.check_model(req.model.as_deref(), &caller)?;
+    let feature = feature_tag(&headers, &req.sampling)?;
+    let kept_prompt = if caller.tenant.log_prompts {
+        let lines: Result<Vec<String>, ApiError> =
+            req.messages.iter().map(|m| Ok(format!("{}: {}", m.role, message_text(m)?))).collect();
+        Some(lines?.join("\n"))
+    } else {
+        None
+    };
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (true, k) => Some(k.unwrap_or(0)),
         (false, Some(_)) => {
@@ -195,7 +226,54 @@ async fn chat_completions(
         model: serving.model_name.to_string(),
         route: Route::Chat,
     };
-    run(&st, serving, envelope, vec![prompt], params, &req.sampling).await
+    let ctx = RequestCtx { caller, request_id: request_id_of(&headers), feature, kept_prompt, arrival };
+    run(&st, serving, envelope, vec![prompt], params, &req.sampling, ctx).await
+}
+
+/// Who asked, and what the usage record needs besides token counts.
+struct RequestCtx {
+    caller: Caller,
+    request_id: String,
+    feature: Option<String>,
+    /// The prompt, only for tenants that keep prompts (redacted later).
+    kept_prompt: Option<String>,
+    arrival: Instant,
+}
+
+/// Longest feature tag accepted.
+const MAX_FEATURE_LEN: usize = 64;
+
+/// The usage feature tag: `X-Inferd-Feature`, else `metadata.feature`, else `user`.
+fn feature_tag(
+    headers: &HeaderMap,
+    fields: &crate::openai::SamplingFields,
+) -> Result<Option<String>, ApiError> {
+    let from_header = match headers.get("x-inferd-feature") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::invalid("X-Inferd-Feature must be visible ASCII", None))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let from_metadata = fields.metadata.as_ref().and_then(|m| m.get("feature")).and_then(|v| v.as_str());
+    let tag = from_header.or_else(|| from_metadata.map(String::from)).or_else(|| fields.user.clone());
+    match tag {
+        Some(t) if t.chars().count() > MAX_FEATURE_LEN || t.chars().any(char::is_control) => {
+            Err(ApiError::invalid(
+                format!(
+                    "the feature tag must be at most {MAX_FEATURE_LEN} characters with no control characters"
+                ),
+                None,
+            ))
+        }
+        Some(t) if t.is_empty() => Ok(None),
+        other => Ok(other),
+    }
+}
+
+fn request_id_of(headers: &HeaderMap) -> String {
+    headers.get(crate::request_id::HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
 
 /// Starts the choices and answers in one body or as a stream.
@@ -206,6 +284,7 @@ async fn run(
     prompts: Vec<Vec<u32>>,
     params: SamplingParams,
     fields: &crate::openai::SamplingFields,
+    ctx: RequestCtx,
 ) -> Result<Response, ApiError> {
     for p in &prompts {
         let need = p.len() + params.max_tokens as usize;
@@ -221,14 +300,37 @@ async fn run(
             ));
         }
     }
-    let choices = start_choices(st, serving, prompts, &params, fields.timeout)?;
+    // The tenant's limits: the most this request can use is every prompt
+    // once plus max_tokens for every choice.
+    let charge = prompts.iter().map(|p| p.len() as u64).sum::<u64>()
+        + prompts.len() as u64 * u64::from(params.n) * u64::from(params.max_tokens);
+    let tenant = &ctx.caller.tenant;
+    let ticket = tenant.limiter.admit(charge).map_err(|r| ApiError::from_refusal(&tenant.id, r))?;
     let prefix = if envelope.route == Route::Chat { "chatcmpl" } else { "cmpl" };
-    envelope.id = format!("{prefix}-{}", serving.engine.next_id().0);
+    envelope.id = format!("{prefix}-{}", crate::request_id::generate());
+    let info = RequestInfo {
+        caller: ctx.caller,
+        request_id: ctx.request_id,
+        response_id: envelope.id.clone(),
+        model: serving.model_name.to_string(),
+        feature: ctx.feature,
+        route: if envelope.route == Route::Chat { "chat" } else { "completions" },
+        prompt_text: ctx.kept_prompt.map(|p| crate::redact::redact(&p)),
+    };
+    let meter = RequestMeter::new(
+        info,
+        ctx.arrival,
+        ticket,
+        st.ledger.clone(),
+        st.cost.clone(),
+        serving.engine.clone(),
+    );
+    let choices = start_choices(st, serving, prompts, &params, fields.timeout, &meter)?;
     let tokenizer = serving.tokenizer.clone();
     let n = params.n;
     if fields.stream {
         let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream(envelope, choices, tokenizer, include_usage, n, st.sse_keepalive).into_response())
+        Ok(stream(envelope, choices, tokenizer, include_usage, n, st.sse_keepalive, meter).into_response())
     } else {
         let results = futures_util::future::join_all(choices.into_iter().map(collect)).await;
         let mut out = Vec::with_capacity(results.len());
@@ -245,6 +347,8 @@ async fn run(
             let finish = choice.finish_reason.unwrap_or(FinishReason::Abort).as_str();
             out.push(envelope.choice(choice.index, text, logprobs, finish));
         }
+        // On disk before the client has its answer.
+        meter.finish().await;
         Ok(Json(envelope.response(out, usage)).into_response())
     }
 }
@@ -278,6 +382,7 @@ fn stream(
     include_usage: bool,
     n: u32,
     keepalive: Duration,
+    meter: Arc<RequestMeter>,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let (msg_tx, mut msg_rx) = mpsc::channel::<Msg>(64);
     let total = choices.len();
@@ -339,6 +444,8 @@ fn stream(
                     if done < total {
                         continue;
                     }
+                    // On disk before the client sees the end of the stream.
+                    meter.finish().await;
                     if include_usage
                         && ev_tx
                             .send(Event::default().data(envelope.usage_chunk(usage).to_string()))
@@ -360,8 +467,14 @@ fn stream(
     Sse::new(events.boxed()).keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
 }
 
-async fn models(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
+async fn models(
+    State(st): State<SharedState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
     let serving = st.serving()?;
+    if !caller.tenant.may_use(&serving.model_name) {
+        return Ok(Json(json!({"object": "list", "data": []})));
+    }
     Ok(Json(json!({
         "object": "list",
         "data": [{
@@ -376,6 +489,7 @@ async fn models(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> 
 
 async fn tokenize(
     State(st): State<SharedState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<TokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(req) = body?;
@@ -383,7 +497,7 @@ async fn tokenize(
     let model = match &req {
         TokenizeRequest::Chat { model, .. } | TokenizeRequest::Prompt { model, .. } => model.clone(),
     };
-    serving.check_model(model.as_deref())?;
+    serving.check_model(model.as_deref(), &caller)?;
     let st2 = st.clone();
     let tokens = blocking(move || {
         let serving = st2.serving()?;
@@ -401,11 +515,12 @@ async fn tokenize(
 
 async fn detokenize(
     State(st): State<SharedState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<DetokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(req) = body?;
     let serving = st.serving()?;
-    serving.check_model(req.model.as_deref())?;
+    serving.check_model(req.model.as_deref(), &caller)?;
     let ids: Vec<u32> = req
         .tokens
         .iter()
@@ -452,7 +567,11 @@ async fn ready(State(st): State<SharedState>) -> Response {
 async fn metrics_text(State(st): State<SharedState>) -> Response {
     match &st.metrics {
         Some(handle) => {
-            let text = crate::telemetry::render(handle, st.serving.get().map(|s| s.engine.stats()));
+            let text = crate::telemetry::render(
+                handle,
+                st.serving.get().map(|s| s.engine.stats()),
+                st.ledger.as_deref().map(|l| l.stats()),
+            );
             ([("content-type", "text/plain; version=0.0.4")], text).into_response()
         }
         None => ApiError::NotFound.into_response(),

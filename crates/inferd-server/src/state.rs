@@ -8,6 +8,7 @@ use inferd_engine::EngineHandle;
 use inferd_models::{ChatTemplate, TextTokenizer};
 
 use crate::error::ApiError;
+use crate::tenants::Caller;
 
 /// The model being served, once loaded.
 #[derive(Debug)]
@@ -50,6 +51,10 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// Set once the drain delay has passed: new API requests are refused.
     pub refusing: std::sync::atomic::AtomicBool,
+    pub tenants: Arc<crate::tenants::Tenants>,
+    /// The usage ledger (absent only in unit tests).
+    pub ledger: Option<Arc<inferd_ledger::Ledger>>,
+    pub cost: Arc<crate::cost::CostTracker>,
 }
 
 impl Default for AppState {
@@ -65,6 +70,12 @@ impl Default for AppState {
             max_queue_wait: Duration::from_secs(30),
             request_timeout: Duration::from_secs(600),
             refusing: std::sync::atomic::AtomicBool::new(false),
+            tenants: Arc::new(
+                crate::tenants::Tenants::new(&Default::default(), &Default::default(), 0)
+                    .expect("the open configuration is valid"),
+            ),
+            ledger: None,
+            cost: Arc::new(crate::cost::CostTracker::new(None, Duration::from_secs(600))),
         }
     }
 }
@@ -107,10 +118,14 @@ impl AppState {
 }
 
 impl Serving {
-    /// Refuses a request naming another model.
-    pub fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
+    /// Refuses a request naming another model, or a model the tenant may
+    /// not use.
+    pub fn check_model(&self, requested: Option<&str>, caller: &Caller) -> Result<(), ApiError> {
         match requested {
             Some(m) if m != &*self.model_name => Err(ApiError::ModelNotFound(m.to_string())),
+            _ if !caller.tenant.may_use(&self.model_name) => {
+                Err(ApiError::ModelNotFound(requested.unwrap_or(&self.model_name).to_string()))
+            }
             _ => Ok(()),
         }
     }

@@ -32,7 +32,19 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 
 /// Copies the engine's published state into gauges and counters, then
 /// renders the exposition text.
-pub fn render(handle: &PrometheusHandle, stats: Option<&EngineStats>) -> String {
+pub fn render(
+    handle: &PrometheusHandle,
+    stats: Option<&EngineStats>,
+    ledger: Option<&inferd_ledger::LedgerStats>,
+) -> String {
+    if let Some(l) = ledger {
+        let r = Ordering::Relaxed;
+        metrics::counter!(m::LEDGER_RECORDS_TOTAL).absolute(l.records_written.load(r));
+        metrics::counter!(m::LEDGER_COMMITS_TOTAL).absolute(l.commits.load(r));
+        metrics::counter!(m::LEDGER_ERRORS_TOTAL).absolute(l.errors.load(r));
+        metrics::gauge!(m::LEDGER_BUSY_SECONDS).set(l.commit_micros.load(r) as f64 / 1e6);
+        metrics::gauge!(m::LEDGER_PENDING).set(l.pending.load(r) as f64);
+    }
     if let Some(s) = stats {
         let r = Ordering::Relaxed;
         let total = s.kv_blocks_total.load(r);

@@ -1,0 +1,456 @@
+//! Per-tenant limits: token buckets for requests and tokens per minute,
+//! token quotas per UTC day and month, and a cap on concurrent requests.
+//!
+//! Tokens are charged at admission as prompt + max_tokens (the most the
+//! request can use) and the unused part is given back when it ends, so a
+//! tenant can never overshoot while requests are in flight.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::clock;
+
+/// A tenant's limits as configured; `None` is unlimited.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent_requests: Option<u32>,
+    pub tokens_per_day: Option<u64>,
+    pub tokens_per_month: Option<u64>,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    RequestsPerMinute,
+    TokensPerMinute,
+    Concurrency,
+    DailyQuota,
+    MonthlyQuota,
+}
+
+impl LimitKind {
+    /// The config key naming it, also the `limit` of the error body and
+    /// the `reason` label of the rejection metric.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::RequestsPerMinute => "requests_per_minute",
+            LimitKind::TokensPerMinute => "tokens_per_minute",
+            LimitKind::Concurrency => "max_concurrent_requests",
+            LimitKind::DailyQuota => "tokens_per_day",
+            LimitKind::MonthlyQuota => "tokens_per_month",
+        }
+    }
+
+    pub fn is_quota(self) -> bool {
+        matches!(self, LimitKind::DailyQuota | LimitKind::MonthlyQuota)
+    }
+}
+
+/// Why a request was refused by its tenant's limits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// Over a limit now; enough budget returns after `retry_after`.
+    Exceeded { kind: LimitKind, limit: u64, requested: u64, available: u64, retry_after: Duration },
+    /// Larger than the limit itself: it can never be admitted.
+    TooLarge { kind: LimitKind, limit: u64, requested: u64 },
+}
+
+/// A bucket that holds up to `capacity` and refills at `capacity` per minute.
+#[derive(Debug, Clone)]
+struct TokenBucket {
+    capacity: f64,
+    level: f64,
+    updated: Instant,
+}
+
+impl TokenBucket {
+    fn new(capacity: u64, now: Instant) -> Self {
+        TokenBucket { capacity: capacity as f64, level: capacity as f64, updated: now }
+    }
+
+    fn rate_per_sec(&self) -> f64 {
+        self.capacity / 60.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.level = (self.level + dt * self.rate_per_sec()).min(self.capacity);
+        self.updated = now;
+    }
+
+    /// Time until the bucket holds `n`.
+    fn time_until(&self, n: f64) -> Duration {
+        let missing = (n - self.level).max(0.0);
+        Duration::from_secs_f64(missing / self.rate_per_sec())
+    }
+
+    fn give(&mut self, n: f64) {
+        self.level = (self.level + n).min(self.capacity);
+    }
+}
+
+/// Tokens used in one UTC day or month, plus those reserved by requests
+/// still running.
+#[derive(Debug, Clone)]
+struct Quota {
+    limit: u64,
+    monthly: bool,
+    window_start: i64,
+    used: u64,
+    reserved: u64,
+}
+
+impl Quota {
+    fn window_of(monthly: bool, t: i64) -> i64 {
+        if monthly { clock::month_start(t) } else { clock::day_start(t) }
+    }
+
+    fn window_end(&self) -> i64 {
+        if self.monthly { clock::next_month_start(self.window_start) } else { self.window_start + 86_400 }
+    }
+
+    /// Starts a new window (used back to zero) once `unix` is past this one.
+    fn roll(&mut self, unix: i64) {
+        let start = Self::window_of(self.monthly, unix);
+        if start != self.window_start {
+            self.window_start = start;
+            self.used = 0;
+        }
+    }
+
+    fn available(&self) -> u64 {
+        self.limit.saturating_sub(self.used + self.reserved)
+    }
+}
+
+/// What a tenant has in flight and left.
+#[derive(Debug)]
+struct State {
+    requests: Option<TokenBucket>,
+    tokens: Option<TokenBucket>,
+    day: Option<Quota>,
+    month: Option<Quota>,
+    concurrent: u32,
+}
+
+/// The live limits of one tenant.
+#[derive(Debug)]
+pub struct Limiter {
+    config: LimitsConfig,
+    state: Mutex<State>,
+}
+
+/// The request and token buckets as the `x-ratelimit-*` headers show them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketView {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the bucket is full again.
+    pub reset: Duration,
+}
+
+/// An admitted request's hold on its tenant's limits: one concurrency slot
+/// and its token charge. Settling gives back what it did not use; dropping
+/// it unsettled (the request never ran) gives everything back.
+#[derive(Debug)]
+pub struct Ticket {
+    limiter: Arc<Limiter>,
+    charge: u64,
+    settled: bool,
+}
+
+impl Limiter {
+    /// A limiter whose quotas start with `used_day` and `used_month` tokens
+    /// already spent (from the ledger, so quotas survive restarts).
+    pub fn new(config: LimitsConfig, used_day: u64, used_month: u64, unix: i64) -> Arc<Self> {
+        let now = Instant::now();
+        let quota = |limit: Option<u64>, monthly: bool, used: u64| {
+            limit.map(|limit| Quota {
+                limit,
+                monthly,
+                window_start: Quota::window_of(monthly, unix),
+                used,
+                reserved: 0,
+            })
+        };
+        let state = State {
+            requests: config.requests_per_minute.map(|n| TokenBucket::new(u64::from(n), now)),
+            tokens: config.tokens_per_minute.map(|n| TokenBucket::new(n, now)),
+            day: quota(config.tokens_per_day, false, used_day),
+            month: quota(config.tokens_per_month, true, used_month),
+            concurrent: 0,
+        };
+        Arc::new(Limiter { config, state: Mutex::new(state) })
+    }
+
+    pub fn config(&self) -> &LimitsConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent even if a holder panicked: every
+        // update is a few plain assignments.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits one request that may use up to `charge` tokens, or says which
+    /// limit refuses it. Checks everything before taking anything.
+    pub fn admit(self: &Arc<Self>, charge: u64) -> Result<Ticket, Refusal> {
+        self.admit_at(charge, Instant::now(), clock::now_unix())
+    }
+
+    fn admit_at(self: &Arc<Self>, charge: u64, now: Instant, unix: i64) -> Result<Ticket, Refusal> {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        if let Some(max) = self.config.max_concurrent_requests
+            && s.concurrent >= max
+        {
+            return Err(Refusal::Exceeded {
+                kind: LimitKind::Concurrency,
+                limit: u64::from(max),
+                requested: 1,
+                available: 0,
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        for (quota, kind) in [(&mut s.day, LimitKind::DailyQuota), (&mut s.month, LimitKind::MonthlyQuota)] {
+            let Some(q) = quota else { continue };
+            q.roll(unix);
+            if charge > q.limit {
+                return Err(Refusal::TooLarge { kind, limit: q.limit, requested: charge });
+            }
+            if charge > q.available() {
+                return Err(Refusal::Exceeded {
+                    kind,
+                    limit: q.limit,
+                    requested: charge,
+                    available: q.available(),
+                    retry_after: Duration::from_secs((q.window_end() - unix).max(1) as u64),
+                });
+            }
+        }
+        for (bucket, kind, n) in [
+            (&mut s.requests, LimitKind::RequestsPerMinute, 1),
+            (&mut s.tokens, LimitKind::TokensPerMinute, charge),
+        ] {
+            let Some(b) = bucket else { continue };
+            b.refill(now);
+            if n as f64 > b.capacity {
+                return Err(Refusal::TooLarge { kind, limit: b.capacity as u64, requested: n });
+            }
+            if (n as f64) > b.level {
+                return Err(Refusal::Exceeded {
+                    kind,
+                    limit: b.capacity as u64,
+                    requested: n,
+                    available: b.level as u64,
+                    retry_after: b.time_until(n as f64),
+                });
+            }
+        }
+        // Everything fits: take it.
+        s.concurrent += 1;
+        if let Some(b) = &mut s.requests {
+            b.level -= 1.0;
+        }
+        if let Some(b) = &mut s.tokens {
+            b.level -= charge as f64;
+        }
+        for q in [&mut s.day, &mut s.month].into_iter().flatten() {
+            q.reserved += charge;
+        }
+        Ok(Ticket { limiter: self.clone(), charge, settled: false })
+    }
+
+    /// The request and token buckets now, for the response headers.
+    pub fn buckets(&self) -> (Option<BucketView>, Option<BucketView>) {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let view = |b: &mut TokenBucket| {
+            b.refill(now);
+            BucketView {
+                limit: b.capacity as u64,
+                remaining: b.level.max(0.0) as u64,
+                reset: b.time_until(b.capacity),
+            }
+        };
+        let requests = s.requests.as_mut().map(view);
+        let tokens = s.tokens.as_mut().map(view);
+        (requests, tokens)
+    }
+
+    /// Tokens used in the current day and month windows (for tests and /v1/usage).
+    pub fn quota_used(&self) -> (Option<u64>, Option<u64>) {
+        let unix = clock::now_unix();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let used = |q: &mut Option<Quota>| {
+            q.as_mut().map(|q| {
+                q.roll(unix);
+                q.used
+            })
+        };
+        let day = used(&mut s.day);
+        (day, used(&mut s.month))
+    }
+
+    fn settle(&self, charge: u64, used: u64, ran: bool, unix: i64) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        s.concurrent = s.concurrent.saturating_sub(1);
+        if let Some(b) = &mut s.tokens {
+            b.give(charge.saturating_sub(used) as f64);
+        }
+        if !ran && let Some(b) = &mut s.requests {
+            b.give(1.0);
+        }
+        for q in [&mut s.day, &mut s.month].into_iter().flatten() {
+            q.reserved = q.reserved.saturating_sub(charge);
+            // A reservation made in a window that has since ended charges
+            // the window the request ended in.
+            q.roll(unix);
+            q.used += used;
+        }
+    }
+}
+
+impl Ticket {
+    /// The request ended having used `used` tokens (prompt + completion).
+    pub fn settle(mut self, used: u64) {
+        self.settled = true;
+        self.limiter.settle(self.charge, used, true, clock::now_unix());
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.limiter.settle(self.charge, 0, false, clock::now_unix());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(config: LimitsConfig) -> Arc<Limiter> {
+        Limiter::new(config, 0, 0, clock::now_unix())
+    }
+
+    #[test]
+    fn request_bucket_refuses_then_refills_at_its_rate() {
+        let l = limiter(LimitsConfig { requests_per_minute: Some(2), ..Default::default() });
+        let t0 = Instant::now();
+        let unix = clock::now_unix();
+        let a = l.admit_at(1, t0, unix).unwrap();
+        let b = l.admit_at(1, t0, unix).unwrap();
+        a.settle(1);
+        b.settle(1);
+        match l.admit_at(1, t0, unix) {
+            Err(Refusal::Exceeded { kind: LimitKind::RequestsPerMinute, retry_after, .. }) => {
+                // One request per 30 s.
+                assert!((retry_after.as_secs_f64() - 30.0).abs() < 0.01, "{retry_after:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(l.admit_at(1, t0 + Duration::from_secs(29), unix).is_err());
+        assert!(l.admit_at(1, t0 + Duration::from_secs(31), unix).is_ok());
+    }
+
+    #[test]
+    fn unused_tokens_are_refunded_and_unrun_requests_cost_nothing() {
+        let l = limiter(LimitsConfig { tokens_per_minute: Some(1000), ..Default::default() });
+        let (t0, unix) = (Instant::now(), clock::now_unix());
+        let t = l.admit_at(600, t0, unix).unwrap();
+        assert!(matches!(
+            l.admit_at(600, t0, unix),
+            Err(Refusal::Exceeded { kind: LimitKind::TokensPerMinute, available: 400, .. })
+        ));
+        t.settle(100); // used 100 of 600: 500 come back
+        let t2 = l.admit_at(900, t0, unix).unwrap();
+        drop(t2); // never ran: all 900 come back
+        assert!(l.admit_at(900, t0, unix).is_ok());
+        assert!(matches!(
+            l.admit_at(1001, t0, unix),
+            Err(Refusal::TooLarge { kind: LimitKind::TokensPerMinute, limit: 1000, requested: 1001 })
+        ));
+    }
+
+    #[test]
+    fn concurrency_cap_holds_until_requests_end() {
+        let l = limiter(LimitsConfig { max_concurrent_requests: Some(1), ..Default::default() });
+        let t = l.admit(10).unwrap();
+        assert!(matches!(l.admit(10), Err(Refusal::Exceeded { kind: LimitKind::Concurrency, .. })));
+        t.settle(5);
+        assert!(l.admit(10).is_ok());
+    }
+
+    #[test]
+    fn daily_quota_is_exhausted_then_resets_at_utc_midnight() {
+        let midnight = clock::parse_time("2026-11-25").unwrap();
+        let l = Limiter::new(
+            LimitsConfig { tokens_per_day: Some(100), ..Default::default() },
+            90,
+            0,
+            midnight + 3600,
+        );
+        let now = Instant::now();
+        // 90 spent before a restart count: 10 left.
+        let t = l.admit_at(10, now, midnight + 3600).unwrap();
+        match l.admit_at(1, now, midnight + 3600) {
+            Err(Refusal::Exceeded { kind: LimitKind::DailyQuota, retry_after, available: 0, .. }) => {
+                assert_eq!(retry_after.as_secs(), 23 * 3600, "until the next UTC midnight");
+            }
+            other => panic!("{other:?}"),
+        }
+        t.limiter.settle(t.charge, 10, true, midnight + 3600);
+        std::mem::forget(t);
+        assert!(l.admit_at(1, now, midnight + 86_399).is_err(), "still the same day");
+        // The next day the quota is whole again.
+        let t = l.admit_at(100, now, midnight + 86_400).unwrap();
+        assert_eq!(t.charge, 100);
+        assert!(matches!(
+            l.admit_at(101, now, midnight + 86_400),
+            Err(Refusal::TooLarge { kind: LimitKind::DailyQuota, .. })
+        ));
+    }
+
+    #[test]
+    fn monthly_quota_resets_on_the_first() {
+        let nov30 = clock::parse_time("2026-11-30T23:00:00Z").unwrap();
+        let l = Limiter::new(LimitsConfig { tokens_per_month: Some(50), ..Default::default() }, 0, 50, nov30);
+        let now = Instant::now();
+        match l.admit_at(1, now, nov30) {
+            Err(Refusal::Exceeded { kind: LimitKind::MonthlyQuota, retry_after, .. }) => {
+                assert_eq!(retry_after.as_secs(), 3600);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(l.admit_at(50, now, nov30 + 3600).is_ok());
+    }
+
+    #[test]
+    fn headers_view_shows_remaining_and_time_to_full() {
+        let l = limiter(LimitsConfig {
+            requests_per_minute: Some(60),
+            tokens_per_minute: Some(6000),
+            ..Default::default()
+        });
+        let t = l.admit(600).unwrap();
+        let (r, k) = l.buckets();
+        let (r, k) = (r.unwrap(), k.unwrap());
+        assert_eq!((r.limit, r.remaining), (60, 59));
+        assert!(r.reset <= Duration::from_secs(1));
+        assert_eq!(k.limit, 6000);
+        assert!((5399..=5400).contains(&k.remaining), "{}", k.remaining);
+        assert!((5.9..=6.0).contains(&k.reset.as_secs_f64()), "{:?}", k.reset);
+        drop(t);
+    }
+}

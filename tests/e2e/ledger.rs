@@ -1,0 +1,190 @@
+//! The usage ledger on disk: records of completed requests survive
+//! `kill -9`, and prompts stay out of logs and the ledger unless a tenant
+//! opts in.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::api::client;
+use crate::harness::{Server, temp_dir};
+use crate::tenants::{call, tenant, write_config};
+
+fn open_ledger(path: &std::path::Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(path).expect("the ledger opens")
+}
+
+/// One request; true when its whole response arrived.
+async fn one_request(base: &str, id: &str, stream: bool, max_tokens: u32) -> bool {
+    let body = json!({"prompt": format!("Request {id} says"), "max_tokens": max_tokens, "stream": stream});
+    let sent = client()
+        .post(format!("{base}/v1/completions"))
+        .header("X-Request-Id", id)
+        .json(&body)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await;
+    let Ok(resp) = sent else { return false };
+    if resp.status() != 200 {
+        return false;
+    }
+    match resp.text().await {
+        Ok(text) if stream => text.ends_with("data: [DONE]\n\n"),
+        Ok(text) => serde_json::from_str::<Value>(&text).is_ok_and(|v| v["usage"].is_object()),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn records_of_completed_requests_survive_kill_9() {
+    let dir = temp_dir("kill9");
+    let ledger = dir.join("usage.db");
+    let mut srv = Server::start(&["--ledger", ledger.to_str().unwrap()]);
+    let completed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let base = srv.base.clone();
+            let completed = completed.clone();
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let id = format!("k9-{w}-{i}");
+                    if one_request(&base, &id, (w + i) % 2 == 0, 2 + (i % 7) as u32).await {
+                        completed.lock().unwrap().push(id);
+                    } else if started.elapsed() > Duration::from_secs(3) {
+                        return; // the server is gone
+                    }
+                }
+            })
+        })
+        .collect();
+    // Kill it mid-load, with requests in flight.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    srv.signal(libc::SIGKILL);
+    assert!(srv.wait_exit(Duration::from_secs(10)).is_some(), "killed");
+    for w in workers {
+        w.await.unwrap();
+    }
+    let completed = completed.lock().unwrap().clone();
+    assert!(completed.len() >= 10, "the load ran: {} completed", completed.len());
+
+    let conn = open_ledger(&ledger);
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(check, "ok");
+    let ids: HashSet<String> = conn
+        .prepare("SELECT request_id FROM usage")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let missing: Vec<_> = completed.iter().filter(|id| !ids.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} completed requests have no record: {missing:?}",
+        missing.len(),
+        completed.len()
+    );
+    drop(conn);
+
+    // The server starts again on the same file and serves its summary.
+    let srv = Server::start(&["--ledger", ledger.to_str().unwrap()]);
+    let (status, _, usage) = call(&srv, None, "/v1/usage", None).await;
+    assert_eq!(status, 200, "{usage}");
+    assert!(usage["totals"]["requests"].as_u64().unwrap() >= completed.len() as u64);
+}
+
+/// Every byte of the ledger's files (database and write-ahead log).
+fn ledger_bytes(path: &std::path::Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for suffix in ["", "-wal"] {
+        let p = format!("{}{suffix}", path.display());
+        if let Ok(b) = std::fs::read(p) {
+            all.extend(b);
+        }
+    }
+    all
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn prompts_reach_no_log_line_and_no_ledger_row_by_default() {
+    let dir = temp_dir("privacy");
+    let log_path = dir.join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let srv = Server::start_logged(&["--log-format", "json"], &[("INFERD_LOG", "debug")], log);
+    let marker = "quokka-zanzibar-4471";
+    let (status, _, _) = call(
+        &srv,
+        None,
+        "/v1/completions",
+        Some(json!({"prompt": format!("Tell {marker} a joke"), "max_tokens": 4})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let chat = json!({"messages": [{"role": "user", "content": format!("Who is {marker}?")}], "max_tokens": 4, "stream": true});
+    let text = client()
+        .post(srv.url("/v1/chat/completions"))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("[DONE]"));
+    // A bad request echoes nothing of the prompt into logs either.
+    call(&srv, None, "/v1/completions", Some(json!({"prompt": format!("{marker}"), "max_tokens": -1}))).await;
+    let rows: i64 =
+        open_ledger(&srv.ledger).query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0)).unwrap();
+    assert_eq!(rows, 2, "both requests are metered");
+    let ledger = srv.ledger.clone();
+    drop(srv);
+    let log = std::fs::read(&log_path).unwrap();
+    assert!(log.len() > 100, "the server logged something");
+    assert!(!contains(&log, marker), "the prompt is in the log");
+    let bytes = ledger_bytes(&ledger);
+    assert!(contains(&bytes, "smollm2-135m-instruct"), "the ledger's records are in these bytes");
+    assert!(!contains(&bytes, marker), "the prompt is in the ledger");
+}
+
+#[tokio::test]
+async fn opted_in_tenants_keep_redacted_prompts_and_keys_stay_out_of_logs() {
+    let dir = temp_dir("keeper");
+    let config = write_config(&dir, &[tenant("keeper", "log_prompts = true"), tenant("quiet", "")]);
+    let log_path = dir.join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let srv = Server::start_logged(&["--config", &config], &[("INFERD_LOG", "debug")], log);
+    let marker = "wombat-kestrel-9902";
+    let prompt = format!("{marker}: write to jane.doe@example.com or call +1 415 555 2671");
+    for t in ["keeper", "quiet"] {
+        let (status, _, body) =
+            call(&srv, Some(t), "/v1/completions", Some(json!({"prompt": prompt, "max_tokens": 3}))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let conn = open_ledger(&srv.ledger);
+    let kept: Option<String> =
+        conn.query_row("SELECT prompt_text FROM usage WHERE tenant = 'keeper'", [], |r| r.get(0)).unwrap();
+    let kept = kept.expect("the opted-in tenant's prompt is kept");
+    assert!(kept.contains(marker) && kept.contains("[EMAIL]") && kept.contains("[PHONE]"), "{kept}");
+    assert!(!kept.contains("jane.doe") && !kept.contains("555"), "{kept}");
+    let (quiet_prompt, quiet_completion, key_id): (Option<String>, Option<String>, String) = conn
+        .query_row("SELECT prompt_text, completion_text, key_id FROM usage WHERE tenant = 'quiet'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!((quiet_prompt, quiet_completion), (None, None));
+    assert_eq!(key_id, "quiet-key", "the key's id, never the key");
+    drop(conn);
+    drop(srv);
+    let log = std::fs::read(&log_path).unwrap();
+    assert!(!contains(&log, marker));
+    for key in ["key-keeper", "key-quiet"] {
+        assert!(!contains(&log, key), "{key} is in the log");
+    }
+}
