@@ -16,6 +16,7 @@ mod redact;
 mod request_id;
 mod responses;
 mod routes;
+mod sse;
 mod state;
 mod telemetry;
 mod tenants;

@@ -1,25 +1,20 @@
 //! The HTTP routes: OpenAI completions and chat completions (streamed or
 //! not), models, tokenize and detokenize, health and stats.
 
-use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use futures_util::StreamExt;
 use inferd_core::{FinishReason, SamplingParams};
 use inferd_models::ChatMessage;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use crate::error::ApiError;
-use crate::generate::{Choice, Piece, start_choices};
+use crate::generate::{Choice, start_choices};
 use crate::meter::{RequestInfo, RequestMeter};
 use crate::openai::{
     ChatRequest, CompletionRequest, DetokenizeRequest, Message, MessageContent, Prompt, TokenizeRequest,
@@ -330,7 +325,8 @@ async fn run(
     let n = params.n;
     if fields.stream {
         let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream(envelope, choices, tokenizer, include_usage, n, st.sse_keepalive, meter).into_response())
+        Ok(crate::sse::stream(envelope, choices, tokenizer, include_usage, n, st.sse_keepalive, meter)
+            .into_response())
     } else {
         let results = futures_util::future::join_all(choices.into_iter().map(collect)).await;
         let mut out = Vec::with_capacity(results.len());
@@ -364,107 +360,6 @@ async fn collect(mut choice: Choice) -> Result<Collected, ApiError> {
         lps.extend(piece.logprobs);
     }
     Ok((choice, text, lps))
-}
-
-enum Msg {
-    Piece(u32, Piece),
-    Failed(ApiError),
-    Done { index: u32, prompt: u32, completion: u32, cached: u32 },
-}
-
-/// SSE stream: a task per choice feeds one channel; chunks leave in arrival
-/// order. When the client goes away the channels close, the tasks end, and
-/// dropping their receivers aborts the sequences in the engine.
-fn stream(
-    envelope: Envelope,
-    choices: Vec<Choice>,
-    tokenizer: Arc<inferd_models::TextTokenizer>,
-    include_usage: bool,
-    n: u32,
-    keepalive: Duration,
-    meter: Arc<RequestMeter>,
-) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
-    let (msg_tx, mut msg_rx) = mpsc::channel::<Msg>(64);
-    let total = choices.len();
-    for mut choice in choices {
-        let tx = msg_tx.clone();
-        tokio::spawn(async move {
-            while let Some(piece) = choice.next().await {
-                let msg = match piece {
-                    Ok(p) => Msg::Piece(choice.index, p),
-                    Err(e) => Msg::Failed(e),
-                };
-                if tx.send(msg).await.is_err() {
-                    return;
-                }
-            }
-            let done = Msg::Done {
-                index: choice.index,
-                prompt: choice.prompt_tokens,
-                completion: choice.completion_tokens,
-                cached: choice.cached_prompt_tokens,
-            };
-            let _ = tx.send(done).await;
-        });
-    }
-    drop(msg_tx);
-    let (ev_tx, ev_rx) = mpsc::channel::<Event>(64);
-    tokio::spawn(async move {
-        let mut usage = UsageTotals::default();
-        let mut started = vec![false; total];
-        let mut offsets = vec![0usize; total];
-        let mut done = 0;
-        while let Some(msg) = msg_rx.recv().await {
-            let event = match msg {
-                Msg::Piece(index, piece) => {
-                    let i = index as usize;
-                    if piece.text.is_empty()
-                        && piece.finished.is_none()
-                        && piece.logprobs.is_none()
-                        && started[i]
-                    {
-                        continue;
-                    }
-                    let lps =
-                        piece.logprobs.map(|l| logprobs_json(envelope.route, &tokenizer, &[l], offsets[i]));
-                    let finish = piece.finished.map(FinishReason::as_str);
-                    let chunk = envelope.chunk(index, &piece.text, lps, finish, !started[i]);
-                    started[i] = true;
-                    offsets[i] += piece.text.len();
-                    Event::default().data(chunk.to_string())
-                }
-                Msg::Failed(e) => Event::default().data(e.body().to_string()),
-                Msg::Done { index, prompt, completion, cached } => {
-                    if index % n == 0 {
-                        usage.prompt_tokens += prompt;
-                        usage.cached_tokens += cached;
-                    }
-                    usage.completion_tokens += completion;
-                    done += 1;
-                    if done < total {
-                        continue;
-                    }
-                    // On disk before the client sees the end of the stream.
-                    meter.finish().await;
-                    if include_usage
-                        && ev_tx
-                            .send(Event::default().data(envelope.usage_chunk(usage).to_string()))
-                            .await
-                            .is_err()
-                    {
-                        return;
-                    }
-                    Event::default().data("[DONE]")
-                }
-            };
-            if ev_tx.send(event).await.is_err() {
-                return;
-            }
-        }
-    });
-    let events =
-        futures_util::stream::unfold(ev_rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
-    Sse::new(events.boxed()).keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
 }
 
 async fn models(

@@ -1,0 +1,118 @@
+//! Streamed responses: OpenAI's server-sent events, with keep-alive
+//! comments, usage in the last chunk, and the usage record committed before
+//! `data: [DONE]`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::StreamExt;
+use inferd_core::FinishReason;
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+use crate::generate::{Choice, Piece};
+use crate::meter::RequestMeter;
+use crate::responses::{Envelope, UsageTotals, logprobs_json};
+
+enum Msg {
+    Piece(u32, Piece),
+    Failed(ApiError),
+    Done { index: u32, prompt: u32, completion: u32, cached: u32 },
+}
+
+/// SSE stream: a task per choice feeds one channel; chunks leave in arrival
+/// order. When the client goes away the channels close, the tasks end, and
+/// dropping their receivers aborts the sequences in the engine.
+pub fn stream(
+    envelope: Envelope,
+    choices: Vec<Choice>,
+    tokenizer: Arc<inferd_models::TextTokenizer>,
+    include_usage: bool,
+    n: u32,
+    keepalive: Duration,
+    meter: Arc<RequestMeter>,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let (msg_tx, mut msg_rx) = mpsc::channel::<Msg>(64);
+    let total = choices.len();
+    for mut choice in choices {
+        let tx = msg_tx.clone();
+        tokio::spawn(async move {
+            while let Some(piece) = choice.next().await {
+                let msg = match piece {
+                    Ok(p) => Msg::Piece(choice.index, p),
+                    Err(e) => Msg::Failed(e),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            let done = Msg::Done {
+                index: choice.index,
+                prompt: choice.prompt_tokens,
+                completion: choice.completion_tokens,
+                cached: choice.cached_prompt_tokens,
+            };
+            let _ = tx.send(done).await;
+        });
+    }
+    drop(msg_tx);
+    let (ev_tx, ev_rx) = mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let mut usage = UsageTotals::default();
+        let mut started = vec![false; total];
+        let mut offsets = vec![0usize; total];
+        let mut done = 0;
+        while let Some(msg) = msg_rx.recv().await {
+            let event = match msg {
+                Msg::Piece(index, piece) => {
+                    let i = index as usize;
+                    if piece.text.is_empty()
+                        && piece.finished.is_none()
+                        && piece.logprobs.is_none()
+                        && started[i]
+                    {
+                        continue;
+                    }
+                    let lps =
+                        piece.logprobs.map(|l| logprobs_json(envelope.route, &tokenizer, &[l], offsets[i]));
+                    let finish = piece.finished.map(FinishReason::as_str);
+                    let chunk = envelope.chunk(index, &piece.text, lps, finish, !started[i]);
+                    started[i] = true;
+                    offsets[i] += piece.text.len();
+                    Event::default().data(chunk.to_string())
+                }
+                Msg::Failed(e) => Event::default().data(e.body().to_string()),
+                Msg::Done { index, prompt, completion, cached } => {
+                    if index % n == 0 {
+                        usage.prompt_tokens += prompt;
+                        usage.cached_tokens += cached;
+                    }
+                    usage.completion_tokens += completion;
+                    done += 1;
+                    if done < total {
+                        continue;
+                    }
+                    // On disk before the client sees the end of the stream.
+                    meter.finish().await;
+                    if include_usage
+                        && ev_tx
+                            .send(Event::default().data(envelope.usage_chunk(usage).to_string()))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    Event::default().data("[DONE]")
+                }
+            };
+            if ev_tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    let events =
+        futures_util::stream::unfold(ev_rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
+    Sse::new(events.boxed()).keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
+}
