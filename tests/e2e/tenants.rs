@@ -481,3 +481,33 @@ async fn a_higher_priority_tenant_is_scheduled_first() {
     assert!(first < high, "the running request is not preempted by priority");
     assert!(high < low, "the high-priority request, queued later, ran before the low one");
 }
+
+#[tokio::test]
+async fn an_exhausted_daily_quota_resets_at_utc_midnight() {
+    // The server's clock starts 20 s before the next UTC midnight.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let skew = (now / 86_400 + 1) * 86_400 - 20 - now;
+    let dir = temp_dir("quota-reset");
+    let config = write_config(&dir, &[tenant("q", "[tenants.limits]\ntokens_per_day = 60")]);
+    let skew = skew.to_string();
+    let srv = Server::start_with_env(&["--config", &config], &[("INFERD_FAULT_CLOCK_SKEW_SECS", &skew)]);
+    let mut retry = None;
+    for _ in 0..10 {
+        let (status, h, body) =
+            call(&srv, Some("q"), "/v1/completions", Some(short("Count to ten:", 16))).await;
+        if status == 429 {
+            assert_eq!(body["error"]["limit"], "tokens_per_day", "{body}");
+            retry = Some(h["retry-after"].parse::<u64>().unwrap());
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+    }
+    let retry = retry.expect("the quota runs out before midnight");
+    assert!((1..=20).contains(&retry), "Retry-After {retry} counts down to the server's midnight");
+    tokio::time::sleep(Duration::from_secs(retry + 1)).await;
+    let (status, _, body) = call(&srv, Some("q"), "/v1/completions", Some(short("Count to ten:", 16))).await;
+    assert_eq!(status, 200, "a new day, a new quota: {body}");
+    let (_, _, usage) = call(&srv, Some("q"), "/v1/usage", None).await;
+    let used = usage["quota"]["tokens_per_day"]["used"].as_u64().unwrap();
+    assert!(used > 0 && used <= 60 / 2, "only today's request counts: {used}");
+}

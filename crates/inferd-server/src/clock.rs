@@ -5,12 +5,30 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Seconds since the Unix epoch, now.
 pub fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    now_unix_ms().div_euclid(1000)
 }
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    let real = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    real + skew_ms()
+}
+
+/// Fault injection for tests, debug builds only: `INFERD_FAULT_CLOCK_SKEW_SECS`
+/// moves the wall clock, so a test can start just before a UTC midnight
+/// and watch a daily quota reset.
+#[cfg(debug_assertions)]
+fn skew_ms() -> i64 {
+    static SKEW: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *SKEW.get_or_init(|| {
+        std::env::var("INFERD_FAULT_CLOCK_SKEW_SECS").ok().and_then(|v| v.parse::<i64>().ok()).unwrap_or(0)
+            * 1000
+    })
+}
+
+#[cfg(not(debug_assertions))]
+fn skew_ms() -> i64 {
+    0
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
