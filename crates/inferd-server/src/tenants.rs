@@ -325,6 +325,26 @@ keys = [{ id = "ops-1", sha256 = "HASH2" }]
     }
 
     #[test]
+    fn the_readme_sample_config_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("```toml\n").expect("README has a TOML sample") + 8;
+        let len = readme[start..].find("```").expect("the sample ends");
+        let mut text = readme[start..start + len].to_string();
+        let mut n = 0;
+        while let Some(at) = text.find("\"<") {
+            let end = at + text[at..].find(">\"").expect("placeholder closes") + 2;
+            n += 1;
+            text.replace_range(at..end, &format!("\"{}\"", hash_key(&format!("key-{n}"))));
+        }
+        let cfg: ConfigFile = toml::from_str(&text).expect("the sample parses");
+        let t = Tenants::new(&cfg, &HashMap::new(), 0).expect("the sample is valid");
+        assert_eq!(t.all().len(), 2);
+        let search = t.get("search-team").unwrap();
+        assert_eq!(search.limiter.config().tokens_per_minute, Some(200_000));
+        assert!(t.get("finance").unwrap().admin);
+    }
+
+    #[test]
     fn open_mode_has_one_default_tenant() {
         let t = Tenants::new(&ConfigFile::default(), &HashMap::new(), 0).unwrap();
         assert!(t.is_open());
