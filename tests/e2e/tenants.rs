@@ -124,6 +124,7 @@ async fn missing_or_wrong_keys_get_401_and_keys_pick_the_tenant() {
 #[tokio::test]
 async fn requests_per_minute_gives_429_with_retry_after_and_headers() {
     let srv = shared();
+    let started = std::time::Instant::now();
     let mut remaining = Vec::new();
     for _ in 0..2 {
         let (status, h, body) = call(srv, Some("rpm"), "/v1/completions", Some(short("Hi", 2))).await;
@@ -140,9 +141,11 @@ async fn requests_per_minute_gives_429_with_retry_after_and_headers() {
     assert_eq!(body["error"]["type"], "requests");
     assert_eq!(body["error"]["limit"], "requests_per_minute");
     assert!(body["error"]["message"].as_str().unwrap().contains("requests_per_minute"));
-    // Two per minute: one returns every 30 s, and the first two were just spent.
-    let retry: u64 = h["retry-after"].parse().unwrap();
-    assert!((25..=30).contains(&retry), "Retry-After {retry}");
+    // Two per minute: one returns every 30 s, counted from when the first
+    // of the two was spent.
+    let retry: f64 = h["retry-after"].parse().unwrap();
+    let earliest = 30.0 - started.elapsed().as_secs_f64() - 1.0;
+    assert!(retry >= earliest && retry <= 30.0, "Retry-After {retry}, expected ({earliest}, 30]");
     assert_eq!(h["x-ratelimit-remaining-requests"], "0");
     // Other routes of the same tenant are not held back by it.
     assert_eq!(call(srv, Some("rpm"), "/v1/models", None).await.0, 200);
@@ -463,6 +466,18 @@ async fn finish_time(base: String, tenant: &'static str, body: Value) -> std::ti
     std::time::Instant::now()
 }
 
+/// Waits until the server reports `n` sequences waiting.
+async fn wait_for_waiting(srv: &Server, n: u64) {
+    for _ in 0..400 {
+        let stats: Value = client().get(srv.url("/stats")).send().await.unwrap().json().await.unwrap();
+        if stats["num_requests_waiting"].as_u64() >= Some(n) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{n} requests never waited");
+}
+
 #[tokio::test]
 async fn a_higher_priority_tenant_is_scheduled_first() {
     let dir = temp_dir("priority");
@@ -470,15 +485,21 @@ async fn a_higher_priority_tenant_is_scheduled_first() {
     // One sequence at a time, so the others queue behind it.
     let srv = Server::start(&["--config", &config, "--max-num-seqs", "1"]);
     let long =
-        json!({"prompt": "Tell me a long story", "max_tokens": 48, "ignore_eos": true, "stream": true});
+        json!({"prompt": "Tell me a long story", "max_tokens": 400, "ignore_eos": true, "stream": true});
     let short = json!({"prompt": "Hi", "max_tokens": 4, "ignore_eos": true, "stream": true});
-    let first = tokio::spawn(finish_time(srv.base.clone(), "low", long));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resp =
+        client().post(srv.url("/v1/completions")).bearer_auth("key-low").json(&long).send().await.unwrap();
+    let mut running = resp.bytes_stream();
+    running.next().await.unwrap().unwrap();
     let low = tokio::spawn(finish_time(srv.base.clone(), "low", short.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_waiting(&srv, 1).await;
     let high = tokio::spawn(finish_time(srv.base.clone(), "high", short));
-    let (first, low, high) = (first.await.unwrap(), low.await.unwrap(), high.await.unwrap());
-    assert!(first < high, "the running request is not preempted by priority");
+    wait_for_waiting(&srv, 2).await;
+    // Both queue behind the long request; let it finish.
+    while let Some(chunk) = running.next().await {
+        chunk.unwrap();
+    }
+    let (low, high) = (low.await.unwrap(), high.await.unwrap());
     assert!(high < low, "the high-priority request, queued later, ran before the low one");
 }
 
