@@ -532,3 +532,43 @@ async fn an_exhausted_daily_quota_resets_at_utc_midnight() {
     let used = usage["quota"]["tokens_per_day"]["used"].as_u64().unwrap();
     assert!(used > 0 && used <= 60 / 2, "only today's request counts: {used}");
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_config_and_a_broken_one_changes_nothing() {
+    let dir = temp_dir("reload");
+    let config = write_config(&dir, &[tenant("r", "")]);
+    let srv = Server::start(&["--config", &config]);
+    assert_eq!(call(&srv, Some("r"), "/v1/models", None).await.0, 200);
+    // Rotate the key: `call(.., Some("rotated"), ..)` sends `key-rotated`.
+    let rotated = format!(
+        "[[tenants]]\nid = \"r\"\nkeys = [{{ id = \"r-2\", sha256 = \"{}\" }}]\n",
+        hash("key-rotated")
+    );
+    std::fs::write(&config, rotated).unwrap();
+    srv.signal(libc::SIGHUP);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = call(&srv, Some("rotated"), "/v1/models", None).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "the new key works after SIGHUP");
+    assert_eq!(call(&srv, Some("r"), "/v1/models", None).await.0, 401, "the old key is refused");
+    // A broken config is refused and the running one stays.
+    std::fs::write(&config, "[[tenants]]\nid = \"r\"\nkeys = 7\n").unwrap();
+    srv.signal(libc::SIGHUP);
+    let mut seen = false;
+    for _ in 0..100 {
+        let m = client().get(srv.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if m.lines().any(|l| l.starts_with("inferd_config_reloads_total{") && l.contains("result=\"error\""))
+        {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "the failed reload is counted");
+    assert_eq!(call(&srv, Some("rotated"), "/v1/models", None).await.0, 200);
+}

@@ -32,6 +32,7 @@ pub const TENANT_PROMPT_TOKENS_TOTAL: &str = "inferd_tenant_prompt_tokens_total"
 pub const TENANT_GENERATION_TOKENS_TOTAL: &str = "inferd_tenant_generation_tokens_total";
 pub const TENANT_REJECTIONS_TOTAL: &str = "inferd_tenant_rejections_total";
 pub const FEEDBACK_TOTAL: &str = "inferd_feedback_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "inferd_config_reloads_total";
 pub const COST_PER_MILLION_TOKENS: &str = "inferd_cost_per_million_tokens_usd";
 pub const COST_THROUGHPUT: &str = "inferd_cost_throughput_tokens_per_second";
 pub const LEDGER_RECORDS_TOTAL: &str = "inferd_ledger_records_total";
@@ -88,6 +89,7 @@ pub fn describe() {
         COST_PER_MILLION_TOKENS,
         "Estimated USD per million tokens: --instance-hourly-cost over measured busy throughput."
     );
+    describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads on SIGHUP, by result (ok or error).");
     describe_gauge!(COST_THROUGHPUT, "Tokens per busy engine second over the cost window.");
     describe_counter!(LEDGER_RECORDS_TOTAL, "Usage records committed to the ledger.");
     describe_counter!(LEDGER_COMMITS_TOTAL, "Ledger transactions committed (each holds a batch).");

@@ -51,7 +51,7 @@ fn set_bucket(resp: &mut Response, names: [&'static str; 3], bucket: Option<Buck
 
 /// Authenticates the request into a [`crate::tenants::Caller`] extension.
 pub async fn authenticate(State(st): State<SharedState>, mut req: Request, next: Next) -> Response {
-    let caller = match st.tenants.authenticate(req.headers()) {
+    let caller = match st.tenants().authenticate(req.headers()) {
         Ok(c) => c,
         Err(e) => {
             metrics::counter!(m::TENANT_REJECTIONS_TOTAL, "tenant" => UNAUTHENTICATED, "reason" => e.reason())

@@ -73,14 +73,14 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Opens the ledger and builds the tenants, whose quotas start from what
-/// the ledger says they used this UTC day and month.
-fn open_accounts(args: &ServeArgs) -> anyhow::Result<(Arc<Ledger>, tenants::Tenants)> {
-    let durability = match args.ledger_durability {
-        LedgerDurability::Process => Durability::Process,
-        LedgerDurability::Full => Durability::Full,
-    };
-    let ledger = Arc::new(Ledger::open(&args.ledger, durability)?);
+/// Reads the config and builds the tenants, whose quotas start from what
+/// the ledger says they used this UTC day and month (`old`: the tenants
+/// being replaced on a reload).
+fn load_tenants(
+    args: &ServeArgs,
+    ledger: &Ledger,
+    old: Option<&tenants::Tenants>,
+) -> anyhow::Result<tenants::Tenants> {
     let config = match &args.config {
         Some(path) => tenants::ConfigFile::load(path)?,
         None => tenants::ConfigFile::default(),
@@ -89,7 +89,45 @@ fn open_accounts(args: &ServeArgs) -> anyhow::Result<(Arc<Ledger>, tenants::Tena
     let day = ledger.read(|c| inferd_ledger::tokens_by_tenant_since(c, clock::day_start(now) * 1000))?;
     let month = ledger.read(|c| inferd_ledger::tokens_by_tenant_since(c, clock::month_start(now) * 1000))?;
     let used = month.iter().map(|(t, &m)| (t.clone(), (day.get(t).copied().unwrap_or(0), m))).collect();
-    let tenants = tenants::Tenants::new(&config, &used, now)?;
+    Ok(match old {
+        Some(old) => old.reload(&config, &used, now)?,
+        None => tenants::Tenants::new(&config, &used, now)?,
+    })
+}
+
+/// Re-reads --config on SIGHUP; a config that does not load leaves the
+/// running one in place.
+async fn reload_on_sighup(st: Arc<AppState>, args: ServeArgs, ledger: Arc<Ledger>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        let (args, ledger, old) = (args.clone(), ledger.clone(), st.tenants());
+        let loaded = tokio::task::spawn_blocking(move || load_tenants(&args, &ledger, Some(&old))).await;
+        match loaded {
+            Ok(Ok(tenants)) => {
+                tracing::info!(tenants = tenants.all().len(), "config reloaded");
+                metrics::counter!(inferd_engine::metrics::CONFIG_RELOADS_TOTAL, "result" => "ok")
+                    .increment(1);
+                st.set_tenants(tenants);
+            }
+            Ok(Err(e)) => {
+                tracing::error!("config reload failed, keeping the running config: {e:#}");
+                metrics::counter!(inferd_engine::metrics::CONFIG_RELOADS_TOTAL, "result" => "error")
+                    .increment(1);
+            }
+            Err(e) => tracing::error!("config reload failed: {e}"),
+        }
+    }
+}
+
+/// Opens the ledger and builds the tenants.
+fn open_accounts(args: &ServeArgs) -> anyhow::Result<(Arc<Ledger>, tenants::Tenants)> {
+    let durability = match args.ledger_durability {
+        LedgerDurability::Process => Durability::Process,
+        LedgerDurability::Full => Durability::Full,
+    };
+    let ledger = Arc::new(Ledger::open(&args.ledger, durability)?);
+    let tenants = load_tenants(args, &ledger, None)?;
     if tenants.is_open() {
         tracing::warn!(
             "no tenants configured (--config): the API is open to anyone, metered as tenant `default`"
@@ -208,7 +246,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let (ledger, tenants) = open_accounts(&args)?;
     let state = Arc::new(AppState {
-        tenants: Arc::new(tenants),
+        tenants: std::sync::RwLock::new(Arc::new(tenants)),
         ledger: Some(ledger.clone()),
         cost: Arc::new(cost::CostTracker::new(
             args.instance_hourly_cost,
@@ -222,6 +260,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: std::time::Duration::from_secs_f64(args.request_timeout.max(0.0)),
         ..Default::default()
     });
+    // Before the model loads: SIGHUP's default action would end the process.
+    tokio::spawn(reload_on_sighup(state.clone(), args.clone(), ledger.clone()));
     let app = routes::router(state.clone(), args.max_body);
     let drain = drain::Drain {
         delay: std::time::Duration::from_secs_f64(args.drain_delay.max(0.0)),

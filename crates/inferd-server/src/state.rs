@@ -51,7 +51,8 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// Set once the drain delay has passed: new API requests are refused.
     pub refusing: std::sync::atomic::AtomicBool,
-    pub tenants: Arc<crate::tenants::Tenants>,
+    /// Replaced whole when the config is reloaded (SIGHUP).
+    pub(crate) tenants: std::sync::RwLock<Arc<crate::tenants::Tenants>>,
     /// The usage ledger (absent only in unit tests).
     pub ledger: Option<Arc<inferd_ledger::Ledger>>,
     pub cost: Arc<crate::cost::CostTracker>,
@@ -70,10 +71,10 @@ impl Default for AppState {
             max_queue_wait: Duration::from_secs(30),
             request_timeout: Duration::from_secs(600),
             refusing: std::sync::atomic::AtomicBool::new(false),
-            tenants: Arc::new(
+            tenants: std::sync::RwLock::new(Arc::new(
                 crate::tenants::Tenants::new(&Default::default(), &Default::default(), 0)
                     .expect("the open configuration is valid"),
-            ),
+            )),
             ledger: None,
             cost: Arc::new(crate::cost::CostTracker::new(None, Duration::from_secs(600))),
         }
@@ -89,6 +90,15 @@ impl AppState {
             1 => Phase::Ready,
             _ => Phase::Draining,
         }
+    }
+
+    /// The tenants now.
+    pub fn tenants(&self) -> Arc<crate::tenants::Tenants> {
+        self.tenants.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_tenants(&self, tenants: crate::tenants::Tenants) {
+        *self.tenants.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tenants);
     }
 
     pub fn set_phase(&self, phase: Phase) {

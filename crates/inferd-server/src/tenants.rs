@@ -160,16 +160,52 @@ impl Tenants {
         used: &HashMap<String, (u64, u64)>,
         unix: i64,
     ) -> Result<Self, ConfigError> {
+        Self::build(config, used, unix, None)
+    }
+
+    /// The tenants of a re-read config. A tenant whose limits did not
+    /// change keeps its live limiter (buckets, quota counts, requests in
+    /// flight); others start from `used`.
+    pub fn reload(
+        &self,
+        config: &ConfigFile,
+        used: &HashMap<String, (u64, u64)>,
+        unix: i64,
+    ) -> Result<Self, ConfigError> {
+        Self::build(config, used, unix, Some(self))
+    }
+
+    fn limiter(
+        old: Option<&Tenants>,
+        id: &str,
+        limits: &LimitsConfig,
+        used: &HashMap<String, (u64, u64)>,
+        unix: i64,
+    ) -> Arc<Limiter> {
+        match old.and_then(|o| o.get(id)).filter(|t| t.limiter.config() == limits) {
+            Some(t) => t.limiter.clone(),
+            None => {
+                let (day, month) = used.get(id).copied().unwrap_or((0, 0));
+                Limiter::new(limits.clone(), day, month, unix)
+            }
+        }
+    }
+
+    fn build(
+        config: &ConfigFile,
+        used: &HashMap<String, (u64, u64)>,
+        unix: i64,
+        old: Option<&Tenants>,
+    ) -> Result<Self, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if config.tenants.is_empty() {
-            let (day, month) = used.get(DEFAULT_TENANT).copied().unwrap_or((0, 0));
             let tenant = Tenant {
                 id: DEFAULT_TENANT.into(),
                 models: Vec::new(),
                 priority: 0,
                 admin: true,
                 log_prompts: false,
-                limiter: Limiter::new(LimitsConfig::default(), day, month, unix),
+                limiter: Self::limiter(old, DEFAULT_TENANT, &LimitsConfig::default(), used, unix),
             };
             return Ok(Tenants { tenants: vec![Arc::new(tenant)], keys: Vec::new() });
         }
@@ -206,14 +242,13 @@ impl Tenants {
                 }
                 keys.push(StoredKey { id: k.id.as_str().into(), hash, tenant: i });
             }
-            let (day, month) = used.get(&t.id).copied().unwrap_or((0, 0));
             tenants.push(Arc::new(Tenant {
                 id: t.id.as_str().into(),
                 models: t.models.clone(),
                 priority: t.priority,
                 admin: t.admin,
                 log_prompts: t.log_prompts,
-                limiter: Limiter::new(t.limits.clone(), day, month, unix),
+                limiter: Self::limiter(old, &t.id, &t.limits, used, unix),
             }));
         }
         Ok(Tenants { tenants, keys })
@@ -342,6 +377,29 @@ keys = [{ id = "ops-1", sha256 = "HASH2" }]
         let search = t.get("search-team").unwrap();
         assert_eq!(search.limiter.config().tokens_per_minute, Some(200_000));
         assert!(t.get("finance").unwrap().admin);
+    }
+
+    #[test]
+    fn reload_keeps_live_limits_of_unchanged_tenants_and_applies_new_keys() {
+        let config = |a_key: &str, b_rpm: u32| -> ConfigFile {
+            toml::from_str(&format!(
+                "[[tenants]]\nid = \"a\"\nkeys = [{{id = \"a1\", sha256 = \"{}\"}}]\nlimits = {{requests_per_minute = 1}}\n\
+                 [[tenants]]\nid = \"b\"\nkeys = [{{id = \"b1\", sha256 = \"{}\"}}]\nlimits = {{requests_per_minute = {b_rpm}}}\n",
+                hash_key(a_key),
+                hash_key("kb"),
+            ))
+            .unwrap()
+        };
+        let old = Tenants::new(&config("ka", 1), &HashMap::new(), 0).unwrap();
+        for t in old.all() {
+            t.limiter.admit(1).unwrap().settle(1);
+        }
+        // a: a new key, same limits; b: a higher limit.
+        let new = old.reload(&config("ka2", 5), &HashMap::new(), 0).unwrap();
+        assert!(new.authenticate(&bearer("Bearer ka")).is_err(), "the old key is gone");
+        let a = new.authenticate(&bearer("Bearer ka2")).unwrap().tenant;
+        assert!(a.limiter.admit(1).is_err(), "a's bucket, spent before the reload, is still spent");
+        assert!(new.get("b").unwrap().limiter.admit(1).is_ok(), "b has new, higher limits");
     }
 
     #[test]

@@ -174,7 +174,8 @@ pub async fn usage(
         totals.thumbs_down += r.thumbs_down;
     }
     let data: Vec<Value> = summary.rows.iter().map(|r| row_json(r, &query.group_by)).collect();
-    let quota = query.tenant.as_deref().and_then(|t| st.tenants.get(t)).map(|t| quota_json(t));
+    let tenants = st.tenants();
+    let quota = query.tenant.as_deref().and_then(|t| tenants.get(t)).map(|t| quota_json(t));
     Ok(Json(json!({
         "quota": quota,
         "object": "usage.summary",
