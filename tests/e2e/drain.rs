@@ -58,8 +58,19 @@ async fn sigterm_drains_without_dropping_the_stream() {
     assert!(text.contains("data: [DONE]"), "{text}");
     assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
 
+    let ledger = srv.ledger.clone();
     let status = tokio::task::spawn_blocking(move || srv.wait_exit(Duration::from_secs(30))).await.unwrap();
     assert_eq!(status.and_then(|s| s.code()), Some(0), "exit status {status:?}");
+    // The drained stream is metered; the refused request is not.
+    assert_eq!(ledger_rows(&ledger), vec![("completed".into(), "length".into(), 300)]);
+}
+
+/// (outcome, finish_reason, completion_tokens) of every ledger row.
+fn ledger_rows(path: &std::path::Path) -> Vec<(String, String, u64)> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt =
+        conn.prepare("SELECT outcome, finish_reason, completion_tokens FROM usage ORDER BY id").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect()
 }
 
 #[tokio::test]
@@ -83,8 +94,14 @@ async fn drain_timeout_cuts_open_streams_with_an_error_event_and_a_second_signal
     let last_data = text.lines().filter_map(|l| l.strip_prefix("data: ")).rfind(|d| *d != "[DONE]").unwrap();
     let event: Value = serde_json::from_str(last_data).unwrap();
     assert!(event["error"]["message"].as_str().unwrap().contains("shutting down"), "{last_data}");
+    let ledger = srv.ledger.clone();
     let status = tokio::task::spawn_blocking(move || srv.wait_exit(Duration::from_secs(30))).await.unwrap();
     assert_eq!(status.and_then(|s| s.code()), Some(0));
+    // The cut-off stream is metered, as cut off by the shutdown.
+    let rows = ledger_rows(&ledger);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].0.as_str(), rows[0].1.as_str()), ("shutdown", "abort"));
+    assert!(rows[0].2 > 0);
 
     // A second signal does not wait for the drain.
     let mut srv = Server::start(&["--drain-delay", "60"]);

@@ -285,7 +285,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(s) = state.serving.get() {
         s.engine.shutdown();
     }
-    // Records of requests cut off by the shutdown are queued by now.
+    // Let requests cut off by the shutdown queue their usage records, then
+    // commit everything queued.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while state.live_meters.load(std::sync::atomic::Ordering::Acquire) > 0
+        && std::time::Instant::now() < until
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     ledger.close();
     Ok(())
 }

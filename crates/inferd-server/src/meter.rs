@@ -7,6 +7,7 @@
 //! (client gone, error) writes its record when the last choice lets go of
 //! the meter, without anyone waiting.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -110,6 +111,9 @@ pub struct RequestMeter {
     engine: EngineHandle,
     ticket: Mutex<Option<Ticket>>,
     totals: Mutex<Totals>,
+    /// Meters alive in the process; shutdown waits for it to reach zero
+    /// before closing the ledger.
+    live: Arc<AtomicUsize>,
 }
 
 impl RequestMeter {
@@ -120,7 +124,9 @@ impl RequestMeter {
         ledger: Option<Arc<Ledger>>,
         cost: Arc<CostTracker>,
         engine: EngineHandle,
+        live: Arc<AtomicUsize>,
     ) -> Arc<Self> {
+        live.fetch_add(1, Ordering::AcqRel);
         Arc::new(RequestMeter {
             info,
             arrival,
@@ -129,6 +135,7 @@ impl RequestMeter {
             engine,
             ticket: Mutex::new(Some(ticket)),
             totals: Mutex::new(Totals::default()),
+            live,
         })
     }
 
@@ -213,9 +220,7 @@ impl RequestMeter {
             ttft_seconds: secs(t.first_token_at),
             total_seconds: self.arrival.elapsed().as_secs_f64(),
             ts_ms: crate::clock::now_unix_ms(),
-            cost_usd: self
-                .cost
-                .estimate(used, self.engine.stats().busy_micros.load(std::sync::atomic::Ordering::Relaxed)),
+            cost_usd: self.cost.estimate(used, self.engine.stats().busy_micros.load(Ordering::Relaxed)),
             prompt_text: self.info.prompt_text.clone(),
             completion_text: completion_text.map(|s| crate::redact::redact(&s)),
         })
@@ -242,6 +247,7 @@ impl Drop for RequestMeter {
         {
             tracing::error!(error = %e, "usage record not written");
         }
+        self.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

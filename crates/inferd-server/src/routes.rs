@@ -319,6 +319,7 @@ async fn run(
         st.ledger.clone(),
         st.cost.clone(),
         serving.engine.clone(),
+        st.live_meters.clone(),
     );
     let choices = start_choices(st, serving, prompts, &params, fields.timeout, &meter)?;
     let tokenizer = serving.tokenizer.clone();

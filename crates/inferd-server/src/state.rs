@@ -56,6 +56,8 @@ pub struct AppState {
     /// The usage ledger (absent only in unit tests).
     pub ledger: Option<Arc<inferd_ledger::Ledger>>,
     pub cost: Arc<crate::cost::CostTracker>,
+    /// Requests whose usage record is not yet queued for the ledger.
+    pub live_meters: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Default for AppState {
@@ -77,6 +79,7 @@ impl Default for AppState {
             )),
             ledger: None,
             cost: Arc::new(crate::cost::CostTracker::new(None, Duration::from_secs(600))),
+            live_meters: Default::default(),
         }
     }
 }
