@@ -188,3 +188,36 @@ async fn opted_in_tenants_keep_redacted_prompts_and_keys_stay_out_of_logs() {
         assert!(!contains(&log, key), "{key} is in the log");
     }
 }
+
+#[tokio::test]
+async fn records_past_retention_are_deleted_and_newer_ones_kept() {
+    let dir = temp_dir("retention");
+    let ledger = dir.join("usage.db");
+    let path = ledger.to_str().unwrap();
+    let srv = Server::start(&["--ledger", path]);
+    for i in 0..2 {
+        let (status, _, _) =
+            call(&srv, None, "/v1/completions", Some(json!({"prompt": format!("Old {i}"), "max_tokens": 2})))
+                .await;
+        assert_eq!(status, 200);
+    }
+    drop(srv);
+    // Age one record by three days.
+    let conn = open_ledger(&ledger);
+    let aged = conn.execute("UPDATE usage SET ts_ms = ts_ms - 3 * 86400000 WHERE id = 1", []).unwrap();
+    assert_eq!(aged, 1);
+    drop(conn);
+    let srv = Server::start(&["--ledger", path, "--ledger-retention-days", "2"]);
+    let mut count = -1;
+    for _ in 0..100 {
+        count = open_ledger(&ledger).query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0)).unwrap();
+        if count == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count, 1, "the three-day-old record is gone, the new one stays");
+    let id: i64 = open_ledger(&ledger).query_row("SELECT id FROM usage", [], |r| r.get(0)).unwrap();
+    assert_eq!(id, 2);
+    drop(srv);
+}

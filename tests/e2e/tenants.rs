@@ -295,6 +295,11 @@ async fn usage_totals_equal_what_clients_received_per_tenant_and_feature() {
     let total: u64 = expect.values().map(|e| e.1 + e.2).sum();
     assert_eq!(summary["totals"]["total_tokens"], total);
 
+    // By API key: the key's id, never the key.
+    let (_, _, by_key) = call(srv, Some("acme"), "/v1/usage?group_by=key", None).await;
+    assert_eq!(by_key["data"].as_array().unwrap().len(), 1, "{by_key}");
+    assert_eq!(by_key["data"][0]["key"], "acme-key");
+    assert_eq!(by_key["data"][0]["total_tokens"], total);
     // CSV holds the same numbers.
     let resp = client()
         .get(srv.url("/v1/usage?group_by=model&format=csv"))

@@ -112,6 +112,11 @@ pub struct LedgerStats {
 
 enum Op {
     Record(Box<UsageRecord>, Option<oneshot::Sender<()>>),
+    /// Deletes records that ended before `before_ms`; replies with how many.
+    Prune {
+        before_ms: i64,
+        reply: oneshot::Sender<u64>,
+    },
     Feedback {
         tenant: String,
         request_id: String,
@@ -221,6 +226,14 @@ impl Ledger {
         Ok(rx)
     }
 
+    /// Deletes records that ended before `before_ms` (retention). Resolves
+    /// to the number deleted.
+    pub fn prune(&self, before_ms: i64) -> Result<oneshot::Receiver<u64>, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Prune { before_ms, reply })?;
+        Ok(rx)
+    }
+
     /// Runs `f` on the read connection (blocking; call from a blocking thread).
     pub fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, LedgerError> {
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
@@ -255,9 +268,9 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, stats: &LedgerStats)
         }
         let started = Instant::now();
         let mut attempt = 0u32;
-        let models = loop {
+        let answers = loop {
             match commit(&mut conn, &batch) {
-                Ok(models) => break models,
+                Ok(answers) => break answers,
                 Err(e) => {
                     // Keep the batch and try again: a full disk or a locked
                     // file must not lose records.
@@ -272,8 +285,11 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, stats: &LedgerStats)
         stats.commits.fetch_add(1, r);
         stats.commit_micros.fetch_add(started.elapsed().as_micros() as u64, r);
         stats.pending.fetch_sub(batch.len() as u64, r);
-        for (op, model) in batch.into_iter().zip(models) {
+        for (op, answer) in batch.into_iter().zip(answers) {
             match op {
+                Op::Prune { reply, .. } => {
+                    let _ = reply.send(answer.deleted);
+                }
                 Op::Record(_, done) => {
                     stats.records_written.fetch_add(1, r);
                     if let Some(done) = done {
@@ -281,7 +297,7 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, stats: &LedgerStats)
                     }
                 }
                 Op::Feedback { reply, .. } => {
-                    let _ = reply.send(model);
+                    let _ = reply.send(answer.model);
                 }
             }
         }
@@ -296,8 +312,17 @@ const INSERT: &str = "INSERT INTO usage (request_id, response_id, tenant, key_id
 const RATE: &str = "UPDATE usage SET rating = ?1, feedback_comment = ?2, feedback_ts_ms = ?3 \
     WHERE tenant = ?4 AND (request_id = ?5 OR response_id = ?5) RETURNING model";
 
-/// Commits one batch; for each operation, the model a feedback rated.
-fn commit(conn: &mut Connection, batch: &[Op]) -> rusqlite::Result<Vec<Option<String>>> {
+/// What one committed operation answers its sender.
+#[derive(Debug, Default)]
+struct Answer {
+    /// The model a feedback rated, if the tenant made that request.
+    model: Option<String>,
+    /// Rows a prune deleted.
+    deleted: u64,
+}
+
+/// Commits one batch; an answer per operation.
+fn commit(conn: &mut Connection, batch: &[Op]) -> rusqlite::Result<Vec<Answer>> {
     let tx = conn.transaction()?;
     let mut out = Vec::with_capacity(batch.len());
     {
@@ -327,7 +352,11 @@ fn commit(conn: &mut Connection, batch: &[Op]) -> rusqlite::Result<Vec<Option<St
                         r.prompt_text,
                         r.completion_text,
                     ])?;
-                    out.push(None);
+                    out.push(Answer::default());
+                }
+                Op::Prune { before_ms, .. } => {
+                    let deleted = tx.execute("DELETE FROM usage WHERE ts_ms < ?1", [before_ms])? as u64;
+                    out.push(Answer { deleted, ..Default::default() });
                 }
                 Op::Feedback { tenant, request_id, rating, comment, ts_ms, .. } => {
                     let models: Vec<String> = rate
@@ -335,7 +364,7 @@ fn commit(conn: &mut Connection, batch: &[Op]) -> rusqlite::Result<Vec<Option<St
                             row.get(0)
                         })?
                         .collect::<Result<_, _>>()?;
-                    out.push(models.into_iter().next());
+                    out.push(Answer { model: models.into_iter().next(), ..Default::default() });
                 }
             }
         }

@@ -11,6 +11,8 @@ pub enum GroupBy {
     Feature,
     Day,
     Tenant,
+    /// The API key's id.
+    Key,
 }
 
 impl GroupBy {
@@ -20,6 +22,7 @@ impl GroupBy {
             "feature" => Some(GroupBy::Feature),
             "day" => Some(GroupBy::Day),
             "tenant" => Some(GroupBy::Tenant),
+            "key" => Some(GroupBy::Key),
             _ => None,
         }
     }
@@ -30,6 +33,7 @@ impl GroupBy {
             GroupBy::Feature => "feature",
             GroupBy::Day => "day",
             GroupBy::Tenant => "tenant",
+            GroupBy::Key => "key",
         }
     }
 
@@ -39,6 +43,7 @@ impl GroupBy {
             GroupBy::Feature => "COALESCE(feature, '')",
             GroupBy::Day => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
             GroupBy::Tenant => "tenant",
+            GroupBy::Key => "COALESCE(key_id, '')",
         }
     }
 }

@@ -96,6 +96,19 @@ fn feedback_rates_only_the_tenants_own_request_and_the_last_rating_wins() {
 }
 
 #[test]
+fn prune_deletes_only_records_older_than_the_cutoff() {
+    let ledger = Ledger::open(&temp_path("prune"), Durability::Process).unwrap();
+    for (i, ts) in [(1, 10), (2, 20), (3, 30)] {
+        block(ledger.write(record(i, "a", "m", None, ts)).unwrap());
+    }
+    assert_eq!(block(ledger.prune(25).unwrap()), 2);
+    let q = UsageQuery { start_ms: 0, end_ms: 100, group_by: vec![GroupBy::Key], ..Default::default() };
+    let rows = ledger.read(|c| q.run(c)).unwrap().rows;
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].keys[0].as_str(), rows[0].requests), ("a-key", 1));
+}
+
+#[test]
 fn concurrent_writers_lose_nothing_and_the_file_reopens_clean() {
     let path = temp_path("concurrent");
     {

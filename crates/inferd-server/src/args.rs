@@ -147,6 +147,10 @@ pub struct ServeArgs {
     /// process: records survive a crash of inferd; full: power loss too.
     #[arg(long, env = "INFERD_LEDGER_DURABILITY", value_enum, default_value = "process")]
     pub ledger_durability: LedgerDurability,
+    /// Delete usage records older than this many days (checked hourly);
+    /// kept forever when unset.
+    #[arg(long, env = "INFERD_LEDGER_RETENTION_DAYS")]
+    pub ledger_retention_days: Option<f64>,
     /// What the instance costs per hour in USD; prices tokens in the
     /// ledger and the cost gauge.
     #[arg(long, env = "INFERD_INSTANCE_HOURLY_COST")]

@@ -89,10 +89,12 @@ fn load_tenants(
     let day = ledger.read(|c| inferd_ledger::tokens_by_tenant_since(c, clock::day_start(now) * 1000))?;
     let month = ledger.read(|c| inferd_ledger::tokens_by_tenant_since(c, clock::month_start(now) * 1000))?;
     let used = month.iter().map(|(t, &m)| (t.clone(), (day.get(t).copied().unwrap_or(0), m))).collect();
-    Ok(match old {
+    let tenants = match old {
         Some(old) => old.reload(&config, &used, now)?,
         None => tenants::Tenants::new(&config, &used, now)?,
-    })
+    };
+    check_retention(args.ledger_retention_days, &tenants)?;
+    Ok(tenants)
 }
 
 /// Re-reads --config on SIGHUP; a config that does not load leaves the
@@ -118,6 +120,41 @@ async fn reload_on_sighup(st: Arc<AppState>, args: ServeArgs, ledger: Arc<Ledger
             Err(e) => tracing::error!("config reload failed: {e}"),
         }
     }
+}
+
+/// Deletes usage records past `--ledger-retention-days`, at start and hourly.
+async fn prune_ledger(ledger: Arc<Ledger>, days: f64) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let before_ms = clock::now_unix_ms() - (days * 86_400_000.0) as i64;
+        match ledger.prune(before_ms) {
+            Ok(done) => match done.await {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, days, "usage records past retention deleted"),
+                Ok(_) => {}
+                Err(_) => return,
+            },
+            Err(_) => return,
+        }
+    }
+}
+
+/// Refuses a retention that would make quotas forget tokens after a restart.
+fn check_retention(days: Option<f64>, tenants: &tenants::Tenants) -> anyhow::Result<()> {
+    let Some(days) = days else { return Ok(()) };
+    anyhow::ensure!(
+        days.is_finite() && days >= 1.0,
+        "--ledger-retention-days must be at least 1, got {days}"
+    );
+    let monthly = tenants.all().iter().find(|t| t.limiter.config().tokens_per_month.is_some());
+    if let Some(t) = monthly {
+        anyhow::ensure!(
+            days >= 32.0,
+            "--ledger-retention-days {days} is shorter than a month, but tenant `{}` has tokens_per_month, which is counted from the ledger after a restart; keep at least 32 days",
+            t.id
+        );
+    }
+    Ok(())
 }
 
 /// Opens the ledger and builds the tenants.
@@ -260,6 +297,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: std::time::Duration::from_secs_f64(args.request_timeout.max(0.0)),
         ..Default::default()
     });
+    if let Some(days) = args.ledger_retention_days {
+        tokio::spawn(prune_ledger(ledger.clone(), days));
+    }
     // Before the model loads: SIGHUP's default action would end the process.
     tokio::spawn(reload_on_sighup(state.clone(), args.clone(), ledger.clone()));
     let app = routes::router(state.clone(), args.max_body);
@@ -295,4 +335,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     ledger.close();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_shorter_than_a_quota_window_is_refused() {
+        let config = |limits: &str| -> tenants::Tenants {
+            let text = format!(
+                "[[tenants]]\nid = \"a\"\nkeys = [{{id = \"k\", sha256 = \"{}\"}}]\nlimits = {{{limits}}}\n",
+                tenants::hash_key("k")
+            );
+            tenants::Tenants::new(&toml::from_str(&text).unwrap(), &Default::default(), 0).unwrap()
+        };
+        assert!(check_retention(None, &config("tokens_per_month = 5")).is_ok());
+        assert!(check_retention(Some(7.0), &config("tokens_per_day = 5")).is_ok());
+        let err = check_retention(Some(7.0), &config("tokens_per_month = 5")).unwrap_err().to_string();
+        assert!(err.contains("tokens_per_month") && err.contains("32"), "{err}");
+        assert!(check_retention(Some(40.0), &config("tokens_per_month = 5")).is_ok());
+        assert!(check_retention(Some(0.5), &config("requests_per_minute = 5")).is_err());
+    }
 }

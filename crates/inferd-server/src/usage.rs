@@ -56,7 +56,9 @@ fn parse_query(q: &HashMap<String, String>, caller: &Caller) -> Result<(UsageQue
     for g in q.get("group_by").map(|s| s.split(',')).into_iter().flatten().filter(|g| !g.is_empty()) {
         let g = GroupBy::parse(g.trim()).ok_or_else(|| {
             ApiError::invalid(
-                format!("group_by must be a comma-separated list of model, feature, day, tenant; got {g:?}"),
+                format!(
+                    "group_by must be a comma-separated list of model, feature, day, tenant, key; got {g:?}"
+                ),
                 "group_by",
             )
         })?;
