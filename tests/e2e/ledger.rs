@@ -94,6 +94,8 @@ async fn records_of_completed_requests_survive_kill_9() {
     let (status, _, usage) = call(&srv, None, "/v1/usage", None).await;
     assert_eq!(status, 200, "{usage}");
     assert!(usage["totals"]["requests"].as_u64().unwrap() >= completed.len() as u64);
+    let ready: Value = client().get(srv.url("/ready")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["ledger"], "ok");
 }
 
 /// Every byte of the ledger's files (database and write-ahead log).
@@ -220,4 +222,41 @@ async fn records_past_retention_are_deleted_and_newer_ones_kept() {
     let id: i64 = open_ledger(&ledger).query_row("SELECT id FROM usage", [], |r| r.get(0)).unwrap();
     assert_eq!(id, 2);
     drop(srv);
+}
+
+#[tokio::test]
+async fn a_failing_ledger_is_reported_and_loses_nothing_once_repaired() {
+    let srv = Server::start(&[]);
+    let ask = |i: u32| {
+        let url = srv.url("/v1/completions");
+        async move {
+            let body = json!({"prompt": format!("Item {i}"), "max_tokens": 2});
+            client().post(url).json(&body).send().await.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(ask(0).await, 200);
+    // Break the ledger under the server: its inserts now fail.
+    let conn = open_ledger(&srv.ledger);
+    conn.execute_batch("ALTER TABLE usage RENAME TO usage_moved").unwrap();
+    // Requests are still served (the first waits out its commit, the rest do not wait).
+    for i in 1..4 {
+        assert_eq!(ask(i).await, 200);
+    }
+    let ready: Value = client().get(srv.url("/ready")).send().await.unwrap().json().await.unwrap();
+    assert_eq!((ready["status"].as_str(), ready["ledger"].as_str()), (Some("ready"), Some("failing")));
+    let metrics = client().get(srv.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "inferd_ledger_failing 1"), "{metrics}");
+    // Repaired: the kept records are written by the writer's retries.
+    conn.execute_batch("ALTER TABLE usage_moved RENAME TO usage").unwrap();
+    let mut rows = 0;
+    for _ in 0..200 {
+        rows = conn.query_row("SELECT COUNT(*) FROM usage", [], |r| r.get::<_, i64>(0)).unwrap();
+        if rows == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows, 4, "no record was lost");
+    let ready: Value = client().get(srv.url("/ready")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["ledger"], "ok");
 }

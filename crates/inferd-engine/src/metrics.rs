@@ -40,6 +40,7 @@ pub const LEDGER_COMMITS_TOTAL: &str = "inferd_ledger_commits_total";
 pub const LEDGER_BUSY_SECONDS: &str = "inferd_ledger_busy_seconds";
 pub const LEDGER_ERRORS_TOTAL: &str = "inferd_ledger_errors_total";
 pub const LEDGER_PENDING: &str = "inferd_ledger_pending";
+pub const LEDGER_FAILING: &str = "inferd_ledger_failing";
 pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "inferd_prefix_cache_queries_total";
 pub const PREFIX_CACHE_HITS_TOTAL: &str = "inferd_prefix_cache_hits_total";
 
@@ -96,6 +97,10 @@ pub fn describe() {
     describe_gauge!(LEDGER_BUSY_SECONDS, "Seconds the ledger writer has spent committing since start.");
     describe_counter!(LEDGER_ERRORS_TOTAL, "Failed ledger commits (retried; records are kept).");
     describe_gauge!(LEDGER_PENDING, "Ledger operations queued and not yet committed.");
+    describe_gauge!(
+        LEDGER_FAILING,
+        "1 while the ledger's last commit failed (records are kept and retried)."
+    );
     describe_counter!(PREFIX_CACHE_QUERIES_TOTAL, "Prompt tokens looked up in the prefix cache.");
     describe_counter!(PREFIX_CACHE_HITS_TOTAL, "Prompt tokens found in the prefix cache.");
 }

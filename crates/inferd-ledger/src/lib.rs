@@ -12,7 +12,7 @@ mod query;
 mod schema;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -108,6 +108,8 @@ pub struct LedgerStats {
     pub errors: AtomicU64,
     /// Operations sent to the writer and not yet committed.
     pub pending: AtomicU64,
+    /// Set while the last commit failed (the writer keeps retrying).
+    pub failing: AtomicBool,
 }
 
 enum Op {
@@ -275,6 +277,7 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, stats: &LedgerStats)
                     // Keep the batch and try again: a full disk or a locked
                     // file must not lose records.
                     stats.errors.fetch_add(1, Ordering::Relaxed);
+                    stats.failing.store(true, Ordering::Relaxed);
                     attempt += 1;
                     tracing::error!(error = %e, attempt, records = batch.len(), "ledger commit failed; retrying");
                     std::thread::sleep(Duration::from_millis(200 * u64::from(attempt.min(25))));
@@ -282,6 +285,7 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, stats: &LedgerStats)
             }
         };
         let r = Ordering::Relaxed;
+        stats.failing.store(false, r);
         stats.commits.fetch_add(1, r);
         stats.commit_micros.fetch_add(started.elapsed().as_micros() as u64, r);
         stats.pending.fetch_sub(batch.len() as u64, r);

@@ -109,6 +109,32 @@ fn prune_deletes_only_records_older_than_the_cutoff() {
 }
 
 #[test]
+fn a_failing_commit_is_retried_with_its_records_kept() {
+    let path = temp_path("failing");
+    let ledger = Ledger::open(&path, Durability::Process).unwrap();
+    block(ledger.write(record(1, "a", "m", None, 1)).unwrap());
+    // Someone breaks the file under the writer: its inserts fail.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("ALTER TABLE usage RENAME TO usage_moved").unwrap();
+    let mut done = ledger.write(record(2, "a", "m", None, 2)).unwrap();
+    let stats = ledger.stats();
+    let until = Instant::now() + Duration::from_secs(5);
+    while !stats.failing.load(Ordering::Relaxed) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(stats.failing.load(Ordering::Relaxed), "the failure is reported");
+    assert!(stats.errors.load(Ordering::Relaxed) >= 1);
+    assert_eq!(stats.pending.load(Ordering::Relaxed), 1, "the record is kept");
+    assert!(done.try_recv().is_err(), "not acknowledged while not committed");
+    // Repaired: the kept record is committed on a retry.
+    other.execute_batch("ALTER TABLE usage_moved RENAME TO usage").unwrap();
+    block(done);
+    assert!(!stats.failing.load(Ordering::Relaxed));
+    let q = UsageQuery { start_ms: 0, end_ms: 10, ..Default::default() };
+    assert_eq!(ledger.read(|c| q.run(c)).unwrap().rows[0].requests, 2);
+}
+
+#[test]
 fn concurrent_writers_lose_nothing_and_the_file_reopens_clean() {
     let path = temp_path("concurrent");
     {

@@ -226,10 +226,13 @@ impl RequestMeter {
         })
     }
 
-    /// The request completed: writes its record and waits for the commit.
+    /// The request completed: writes its record and waits for the commit,
+    /// unless the ledger is failing (then the record waits in memory for
+    /// the writer's retries, and the client is not held up).
     pub async fn finish(&self) {
         let (Some(record), Some(ledger)) = (self.take_record(), &self.ledger) else { return };
         match ledger.write(record) {
+            Ok(_) if ledger.stats().failing.load(Ordering::Relaxed) => {}
             Ok(done) => {
                 if tokio::time::timeout(COMMIT_WAIT, done).await.is_err() {
                     tracing::error!("the usage record was not committed within {COMMIT_WAIT:?}");

@@ -456,6 +456,10 @@ async fn ready(State(st): State<SharedState>) -> Response {
         body["kv_cache_usage"] =
             json!(if total == 0 { 0.0 } else { s.kv_blocks_used() as f64 / total as f64 });
     }
+    if let Some(ledger) = &st.ledger {
+        let failing = ledger.stats().failing.load(r);
+        body["ledger"] = json!(if failing { "failing" } else { "ok" });
+    }
     let code = if status == "ready" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body)).into_response()
 }

@@ -44,6 +44,7 @@ pub fn render(
         metrics::counter!(m::LEDGER_ERRORS_TOTAL).absolute(l.errors.load(r));
         metrics::gauge!(m::LEDGER_BUSY_SECONDS).set(l.commit_micros.load(r) as f64 / 1e6);
         metrics::gauge!(m::LEDGER_PENDING).set(l.pending.load(r) as f64);
+        metrics::gauge!(m::LEDGER_FAILING).set(if l.failing.load(r) { 1.0 } else { 0.0 });
     }
     if let Some(s) = stats {
         let r = Ordering::Relaxed;
