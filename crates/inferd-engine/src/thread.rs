@@ -247,11 +247,12 @@ impl<E: ModelExecutor> EngineLoop<E> {
             Ok(o) => o,
             Err(e) => self.fail_all(&e),
         };
-        metrics::histogram!(crate::metrics::ENGINE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        metrics::histogram!(crate::metrics::ENGINE_STEP_SECONDS).record(took.as_secs_f64());
         metrics::histogram!(crate::metrics::ENGINE_STEP_TOKENS).record(self.core.last_step_tokens() as f64);
         let r = Ordering::Relaxed;
         self.stats.steps.fetch_add(1, r);
-        self.stats.busy_micros.fetch_add(started.elapsed().as_micros() as u64, r);
+        self.stats.busy_micros.fetch_add(took.as_micros() as u64, r);
         self.stats.last_step_ms.store(self.started.elapsed().as_millis() as u64, r);
         // Publish before delivering, so a client that sees its request end
         // also sees its blocks freed in /stats and /metrics.

@@ -16,6 +16,12 @@ use std::time::{Duration, Instant};
 /// Least busy time a window needs before its throughput is trusted.
 const MIN_BUSY: Duration = Duration::from_millis(200);
 
+/// USD per million tokens for an instance costing `hourly_usd` that
+/// processes `tokens_per_sec`.
+fn per_million(hourly_usd: f64, tokens_per_sec: f64) -> f64 {
+    hourly_usd / 3600.0 / tokens_per_sec * 1e6
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     at: Instant,
@@ -71,7 +77,7 @@ impl CostTracker {
             let throughput = done as f64 / busy.as_secs_f64();
             *last = Some(throughput);
         }
-        last.map(|t| (t, self.hourly_usd.map(|c| c / 3600.0 / t * 1e6)))
+        last.map(|t| (t, self.hourly_usd.map(|c| per_million(c, t))))
     }
 
     /// USD per million tokens now, when a price is set and throughput
@@ -84,7 +90,7 @@ impl CostTracker {
             let tokens = self.tokens.load(Ordering::Relaxed);
             (busy_micros > 0 && tokens > 0).then(|| tokens as f64 / (busy_micros as f64 / 1e6))
         })?;
-        Some(hourly / 3600.0 / throughput * 1e6)
+        Some(per_million(hourly, throughput))
     }
 
     /// The estimated cost of `tokens` tokens.

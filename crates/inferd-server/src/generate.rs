@@ -25,9 +25,9 @@ pub struct Choice {
     rx: Option<UnboundedReceiver<StreamEvent>>,
     decoder: IncrementalDecoder,
     matcher: StopMatcher,
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub cached_prompt_tokens: u32,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    cached_prompt_tokens: u32,
     pub finish_reason: Option<FinishReason>,
     timer: SeqTimer,
     /// Held until the sequence is first scheduled.
@@ -42,7 +42,6 @@ pub struct Choice {
     first_token_at: Option<Instant>,
     /// Kept only when the tenant keeps prompts.
     text: Option<String>,
-    ended: bool,
 }
 
 /// When a request must have been scheduled, and when it must have ended.
@@ -117,14 +116,13 @@ impl Choice {
             scheduled_at: None,
             first_token_at: None,
             text,
-            ended: false,
         })
     }
 
     /// Records the end of the choice once: metrics, and its part of the
     /// request's usage.
     fn end(&mut self, reason: FinishReason, outcome: Outcome) {
-        if std::mem::replace(&mut self.ended, true) {
+        if self.finish_reason.is_some() {
             return;
         }
         self.rx = None;

@@ -18,6 +18,7 @@ use inferd_ledger::{Ledger, UsageRecord};
 
 use crate::cost::CostTracker;
 use crate::limits::Ticket;
+use crate::responses::UsageTotals;
 use crate::tenants::Caller;
 
 /// How long a completing request waits for its record's commit.
@@ -226,11 +227,25 @@ impl RequestMeter {
         })
     }
 
+    /// The request's token usage so far: each prompt once, every choice's
+    /// completion.
+    pub fn usage(&self) -> UsageTotals {
+        let t = self.totals();
+        let n = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        UsageTotals {
+            prompt_tokens: n(t.prompt),
+            completion_tokens: n(t.completion),
+            cached_tokens: n(t.cached),
+        }
+    }
+
     /// The request completed: writes its record and waits for the commit,
     /// unless the ledger is failing (then the record waits in memory for
-    /// the writer's retries, and the client is not held up).
-    pub async fn finish(&self) {
-        let (Some(record), Some(ledger)) = (self.take_record(), &self.ledger) else { return };
+    /// the writer's retries, and the client is not held up). Returns the
+    /// usage recorded, which is what the client is told.
+    pub async fn finish(&self) -> UsageTotals {
+        let usage = self.usage();
+        let (Some(record), Some(ledger)) = (self.take_record(), &self.ledger) else { return usage };
         match ledger.write(record) {
             Ok(_) if ledger.stats().failing.load(Ordering::Relaxed) => {}
             Ok(done) => {
@@ -240,6 +255,7 @@ impl RequestMeter {
             }
             Err(e) => tracing::error!(error = %e, "usage record not written"),
         }
+        usage
     }
 }
 

@@ -19,7 +19,7 @@ use crate::meter::{RequestInfo, RequestMeter};
 use crate::openai::{
     ChatRequest, CompletionRequest, DetokenizeRequest, Message, MessageContent, Prompt, TokenizeRequest,
 };
-use crate::responses::{Envelope, Route, UsageTotals, logprobs_json};
+use crate::responses::{Envelope, Route, logprobs_json};
 use crate::state::{Phase, Serving, SharedState};
 use crate::tenants::Caller;
 use crate::validate::sampling_params;
@@ -125,13 +125,13 @@ async fn completions(
     let Json(req) = body?;
     let serving = st.serving()?;
     serving.check_model(req.model.as_deref(), &caller)?;
-    let feature = feature_tag(&headers, &req.sampling)?;
     let kept_prompt = caller.tenant.log_prompts.then(|| match &req.prompt {
         Prompt::Text(s) => s.clone(),
         Prompt::Texts(v) => serde_json::to_string(v).unwrap_or_default(),
         Prompt::Tokens(t) => serde_json::to_string(t).unwrap_or_default(),
         Prompt::TokenLists(t) => serde_json::to_string(t).unwrap_or_default(),
     });
+    let ctx = RequestCtx::new(caller, &headers, &req.sampling, kept_prompt, arrival)?;
     if req.echo {
         return Err(ApiError::invalid("echo is not supported", "echo"));
     }
@@ -170,14 +170,7 @@ async fn completions(
         longest,
         serving.max_model_len,
     )?;
-    let envelope = Envelope {
-        id: String::new(),
-        created: now_secs(),
-        model: serving.model_name.to_string(),
-        route: Route::Completions,
-    };
-    let ctx = RequestCtx { caller, request_id: request_id_of(&headers), feature, kept_prompt, arrival };
-    run(&st, serving, envelope, prompts, params, &req.sampling, ctx).await
+    run(&st, serving, Route::Completions, prompts, params, &req.sampling, ctx).await
 }
 
 async fn chat_completions(
@@ -190,7 +183,6 @@ async fn chat_completions(
     let Json(req) = body?;
     let serving = st.serving()?;
     serving.check_model(req.model.as_deref(), &caller)?;
-    let feature = feature_tag(&headers, &req.sampling)?;
     let kept_prompt = if caller.tenant.log_prompts {
         let lines: Result<Vec<String>, ApiError> =
             req.messages.iter().map(|m| Ok(format!("{}: {}", m.role, message_text(m)?))).collect();
@@ -198,6 +190,7 @@ async fn chat_completions(
     } else {
         None
     };
+    let ctx = RequestCtx::new(caller, &headers, &req.sampling, kept_prompt, arrival)?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (true, k) => Some(k.unwrap_or(0)),
         (false, Some(_)) => {
@@ -215,14 +208,7 @@ async fn chat_completions(
     .await?;
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
     let params = sampling_params(&req.sampling, max_tokens, logprobs, prompt.len(), serving.max_model_len)?;
-    let envelope = Envelope {
-        id: String::new(),
-        created: now_secs(),
-        model: serving.model_name.to_string(),
-        route: Route::Chat,
-    };
-    let ctx = RequestCtx { caller, request_id: request_id_of(&headers), feature, kept_prompt, arrival };
-    run(&st, serving, envelope, vec![prompt], params, &req.sampling, ctx).await
+    run(&st, serving, Route::Chat, vec![prompt], params, &req.sampling, ctx).await
 }
 
 /// Who asked, and what the usage record needs besides token counts.
@@ -233,6 +219,24 @@ struct RequestCtx {
     /// The prompt, only for tenants that keep prompts (redacted later).
     kept_prompt: Option<String>,
     arrival: Instant,
+}
+
+impl RequestCtx {
+    fn new(
+        caller: Caller,
+        headers: &HeaderMap,
+        fields: &crate::openai::SamplingFields,
+        kept_prompt: Option<String>,
+        arrival: Instant,
+    ) -> Result<Self, ApiError> {
+        let feature = feature_tag(headers, fields)?;
+        let request_id = headers
+            .get(crate::request_id::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        Ok(RequestCtx { caller, request_id, feature, kept_prompt, arrival })
+    }
 }
 
 /// Longest feature tag accepted.
@@ -267,15 +271,11 @@ fn feature_tag(
     }
 }
 
-fn request_id_of(headers: &HeaderMap) -> String {
-    headers.get(crate::request_id::HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
-}
-
 /// Starts the choices and answers in one body or as a stream.
 async fn run(
     st: &crate::state::AppState,
     serving: &Serving,
-    mut envelope: Envelope,
+    route: Route,
     prompts: Vec<Vec<u32>>,
     params: SamplingParams,
     fields: &crate::openai::SamplingFields,
@@ -301,8 +301,13 @@ async fn run(
         + prompts.len() as u64 * u64::from(params.n) * u64::from(params.max_tokens);
     let tenant = &ctx.caller.tenant;
     let ticket = tenant.limiter.admit(charge).map_err(|r| ApiError::from_refusal(&tenant.id, r))?;
-    let prefix = if envelope.route == Route::Chat { "chatcmpl" } else { "cmpl" };
-    envelope.id = format!("{prefix}-{}", crate::request_id::generate());
+    let prefix = if route == Route::Chat { "chatcmpl" } else { "cmpl" };
+    let envelope = Envelope {
+        id: format!("{prefix}-{}", crate::request_id::generate()),
+        created: now_secs(),
+        model: serving.model_name.to_string(),
+        route,
+    };
     let info = RequestInfo {
         caller: ctx.caller,
         request_id: ctx.request_id,
@@ -323,29 +328,21 @@ async fn run(
     );
     let choices = start_choices(st, serving, prompts, &params, fields.timeout, &meter)?;
     let tokenizer = serving.tokenizer.clone();
-    let n = params.n;
     if fields.stream {
         let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
-        Ok(crate::sse::stream(envelope, choices, tokenizer, include_usage, n, st.sse_keepalive, meter)
+        Ok(crate::sse::stream(envelope, choices, tokenizer, include_usage, st.sse_keepalive, meter)
             .into_response())
     } else {
         let results = futures_util::future::join_all(choices.into_iter().map(collect)).await;
         let mut out = Vec::with_capacity(results.len());
-        let mut usage = UsageTotals::default();
         for r in results {
             let (choice, text, lps) = r?;
-            // Each prompt counts once, however many choices it has.
-            if choice.index % n == 0 {
-                usage.prompt_tokens += choice.prompt_tokens;
-                usage.cached_tokens += choice.cached_prompt_tokens;
-            }
-            usage.completion_tokens += choice.completion_tokens;
             let logprobs = params.logprobs.map(|_| logprobs_json(envelope.route, &tokenizer, &lps, 0));
             let finish = choice.finish_reason.unwrap_or(FinishReason::Abort).as_str();
             out.push(envelope.choice(choice.index, text, logprobs, finish));
         }
         // On disk before the client has its answer.
-        meter.finish().await;
+        let usage = meter.finish().await;
         Ok(Json(envelope.response(out, usage)).into_response())
     }
 }

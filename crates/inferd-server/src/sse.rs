@@ -14,12 +14,13 @@ use tokio::sync::mpsc;
 use crate::error::ApiError;
 use crate::generate::{Choice, Piece};
 use crate::meter::RequestMeter;
-use crate::responses::{Envelope, UsageTotals, logprobs_json};
+use crate::responses::{Envelope, logprobs_json};
 
 enum Msg {
     Piece(u32, Piece),
     Failed(ApiError),
-    Done { index: u32, prompt: u32, completion: u32, cached: u32 },
+    /// A choice ended (its usage is in the meter).
+    Done,
 }
 
 /// SSE stream: a task per choice feeds one channel; chunks leave in arrival
@@ -30,7 +31,6 @@ pub fn stream(
     choices: Vec<Choice>,
     tokenizer: Arc<inferd_models::TextTokenizer>,
     include_usage: bool,
-    n: u32,
     keepalive: Duration,
     meter: Arc<RequestMeter>,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
@@ -48,19 +48,12 @@ pub fn stream(
                     return;
                 }
             }
-            let done = Msg::Done {
-                index: choice.index,
-                prompt: choice.prompt_tokens,
-                completion: choice.completion_tokens,
-                cached: choice.cached_prompt_tokens,
-            };
-            let _ = tx.send(done).await;
+            let _ = tx.send(Msg::Done).await;
         });
     }
     drop(msg_tx);
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
-        let mut usage = UsageTotals::default();
         let mut started = vec![false; total];
         let mut offsets = vec![0usize; total];
         let mut done = 0;
@@ -84,18 +77,13 @@ pub fn stream(
                     Event::default().data(chunk.to_string())
                 }
                 Msg::Failed(e) => Event::default().data(e.body().to_string()),
-                Msg::Done { index, prompt, completion, cached } => {
-                    if index % n == 0 {
-                        usage.prompt_tokens += prompt;
-                        usage.cached_tokens += cached;
-                    }
-                    usage.completion_tokens += completion;
+                Msg::Done => {
                     done += 1;
                     if done < total {
                         continue;
                     }
                     // On disk before the client sees the end of the stream.
-                    meter.finish().await;
+                    let usage = meter.finish().await;
                     if include_usage
                         && ev_tx
                             .send(Event::default().data(envelope.usage_chunk(usage).to_string()))
