@@ -6,7 +6,8 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use inferd_benches::{decode_input, prefill_input};
-use inferd_exec::{CpuExecutor, CpuExecutorConfig, KvDtype, ModelExecutor};
+use inferd_contract::{DType, ModelExecutor};
+use inferd_exec::{CpuExecutor, CpuExecutorConfig};
 use inferd_models::testing::smollm2_path;
 use inferd_models::{LoadOptions, WeightFormat, load_weights};
 
@@ -18,7 +19,7 @@ fn executor(format: WeightFormat) -> CpuExecutor {
     let cfg = CpuExecutorConfig {
         block_size: BLOCK_SIZE,
         kv_cache_memory: 1 << 30,
-        kv_dtype: KvDtype::F32,
+        kv_dtype: DType::F32,
         max_model_len: 1024,
     };
     CpuExecutor::new(model, cfg).expect("cache fits")
@@ -26,8 +27,8 @@ fn executor(format: WeightFormat) -> CpuExecutor {
 
 fn formats() -> Vec<WeightFormat> {
     match std::env::var("INFERD_BENCH_FORMATS") {
-        Ok(list) => list.split(',').map(|f| f.parse().expect("native, q8_0 or f32")).collect(),
-        Err(_) => vec![WeightFormat::Native, WeightFormat::Q8_0, WeightFormat::F32],
+        Ok(list) => list.split(',').map(|f| f.parse().expect("native, q8_0 or dense")).collect(),
+        Err(_) => vec![WeightFormat::Native, WeightFormat::Q8_0, WeightFormat::Dense],
     }
 }
 

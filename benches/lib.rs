@@ -1,8 +1,8 @@
 //! Fixtures shared by the criterion suites in this folder.
 
 use std::sync::Arc;
-use std::time::Instant;
 
+use inferd_contract::ModelInput;
 use inferd_core::{RequestId, SamplingParams, TokenId};
 use inferd_sched::{Scheduler, SchedulerConfig, SequenceRequest};
 
@@ -25,13 +25,8 @@ pub fn decoding_scheduler(num_seqs: usize, prompt_len: usize) -> Scheduler {
     let mut s = Scheduler::new(config).expect("valid config");
     let params = Arc::new(SamplingParams { max_tokens, ignore_eos: true, ..Default::default() });
     for i in 0..num_seqs {
-        let req = SequenceRequest {
-            id: RequestId(i as u64),
-            prompt: tokens(prompt_len, (i * prompt_len) as u32),
-            params: params.clone(),
-            priority: 0,
-            arrival: Instant::now(),
-        };
+        let prompt = tokens(prompt_len, (i * prompt_len) as u32);
+        let req = SequenceRequest::new(RequestId(i as u64), prompt, params.clone());
         s.add(req).expect("fits");
     }
     let out = s.schedule();
@@ -43,40 +38,22 @@ pub fn decoding_scheduler(num_seqs: usize, prompt_len: usize) -> Scheduler {
 /// A decode step for `batch` sequences that each hold `context` cached
 /// tokens: one new token per sequence, every sequence sampled. Sequence `s`
 /// owns blocks `s * blocks_per_seq ..`.
-pub fn decode_input(batch: usize, context: usize, block_size: usize) -> inferd_exec::ModelInput {
+pub fn decode_input(batch: usize, context: usize, block_size: usize) -> ModelInput {
     let blocks_per_seq = (context + 1).div_ceil(block_size);
-    let mut input = inferd_exec::ModelInput {
-        query_start: vec![0],
-        max_blocks_per_seq: blocks_per_seq,
-        ..Default::default()
-    };
+    let mut input = ModelInput::new(blocks_per_seq);
     for s in 0..batch {
         let first = (s * blocks_per_seq) as u32;
-        let pos = context;
-        input.token_ids.push(100 + s as u32);
-        input.positions.push(pos as u32);
-        input
-            .slot_mapping
-            .push((first + (pos / block_size) as u32) * block_size as u32 + (pos % block_size) as u32);
-        input.logits_rows.push(s as u32);
-        input.query_start.push(s as u32 + 1);
-        input.context_lens.push(pos as u32 + 1);
-        input.block_tables.extend((0..blocks_per_seq as u32).map(|b| first + b));
+        let blocks: Vec<u32> = (first..first + blocks_per_seq as u32).collect();
+        input.push_seq(RequestId(s as u64), &[100 + s as u32], context, &blocks, block_size, true);
     }
     input
 }
 
 /// A prefill of `len` tokens for one sequence, its last row sampled.
-pub fn prefill_input(len: usize, block_size: usize) -> inferd_exec::ModelInput {
-    let blocks = len.div_ceil(block_size);
-    inferd_exec::ModelInput {
-        token_ids: (0..len as u32).map(|i| 100 + i % 5000).collect(),
-        positions: (0..len as u32).collect(),
-        slot_mapping: (0..len as u32).collect(),
-        query_start: vec![0, len as u32],
-        context_lens: vec![len as u32],
-        block_tables: (0..blocks as u32).collect(),
-        max_blocks_per_seq: blocks,
-        logits_rows: vec![len as u32 - 1],
-    }
+pub fn prefill_input(len: usize, block_size: usize) -> ModelInput {
+    let blocks: Vec<u32> = (0..len.div_ceil(block_size) as u32).collect();
+    let tokens: Vec<u32> = (0..len as u32).map(|i| 100 + i % 5000).collect();
+    let mut input = ModelInput::new(blocks.len());
+    input.push_seq(RequestId(0), &tokens, 0, &blocks, block_size, true);
+    input
 }

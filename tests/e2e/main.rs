@@ -1,6 +1,7 @@
 //! End-to-end tests: the real binary, the real SmolLM2, real HTTP.
 
 mod api;
+mod backends;
 mod drain;
 mod errors;
 mod harness;

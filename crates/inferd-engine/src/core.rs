@@ -1,19 +1,28 @@
-//! One engine step in three calls, nano-vllm style: schedule, run (execute
-//! and sample), postprocess (update the scheduler).
+//! One engine step, nano-vllm style: schedule, execute, sample, update.
 
 use std::collections::HashMap;
 
-use inferd_core::{FinishReason, RequestId, TokenId, Usage};
-use inferd_exec::{BatchState, ModelExecutor, Sampled};
-use inferd_sched::{SchedError, Scheduler, SchedulerConfig, SchedulerStats, SequenceRequest};
+use inferd_contract::{Capabilities, ExecError, Logits, ModelExecutor, ModelOutput, SampledToken};
+use inferd_core::{FinishReason, RequestId, SamplingParams, TokenId, Usage};
+use inferd_exec::sampler::{SampleContext, sample};
+use inferd_sched::{
+    SchedError, Scheduler, SchedulerConfig, SchedulerOutput, SchedulerStats, SequenceRequest,
+};
 use thiserror::Error;
 use tracing::debug_span;
+
+use crate::input::{self, reaches_end, scheduled};
 
 /// Errors of the engine.
 #[derive(Debug, Error)]
 pub enum EngineError {
     #[error(transparent)]
     Sched(#[from] SchedError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// The scheduler's plan and its sequences disagree (a bug).
+    #[error("engine state is inconsistent: {0}")]
+    Inconsistent(String),
 }
 
 /// Limits of the engine that the executor does not dictate.
@@ -42,7 +51,7 @@ impl Default for EngineConfig {
 pub struct SeqOutput {
     pub id: RequestId,
     /// The token sampled this step (none for an unfinished prefill chunk).
-    pub sampled: Option<Sampled>,
+    pub sampled: Option<SampledToken>,
     /// Set when the sequence ended this step.
     pub finished: Option<FinishReason>,
     pub usage: Usage,
@@ -52,12 +61,42 @@ pub struct SeqOutput {
     pub first_scheduled: bool,
 }
 
-/// The scheduler, the executor and the batch state, stepped together.
+/// A step's output, taken one sampled row at a time.
+enum Rows {
+    Logits { logits: Logits, next: usize },
+    Sampled(std::vec::IntoIter<SampledToken>),
+}
+
+impl Rows {
+    fn next(&mut self, ctx: &SampleContext) -> Option<SampledToken> {
+        match self {
+            Rows::Logits { logits, next } if *next < logits.num_rows() => {
+                *next += 1;
+                Some(sample(logits.row_mut(*next - 1), ctx))
+            }
+            Rows::Logits { .. } => None,
+            Rows::Sampled(tokens) => tokens.next(),
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        match self {
+            Rows::Logits { logits, next } => *next == logits.num_rows(),
+            Rows::Sampled(tokens) => tokens.len() == 0,
+        }
+    }
+}
+
+/// The scheduler and the executor, stepped together. The scheduler owns
+/// every sequence's state; the executor sees only the contract's inputs.
 #[derive(Debug)]
 pub struct EngineCore<E> {
     scheduler: Scheduler,
     executor: E,
-    batch: BatchState,
+    caps: Capabilities,
+    eos_token_ids: Vec<TokenId>,
+    /// Sequences gone since the last input; the next input reports them.
+    retired: Vec<RequestId>,
     last_step_tokens: usize,
 }
 
@@ -73,18 +112,29 @@ impl<E: ModelExecutor> EngineCore<E> {
             num_blocks: caps.num_blocks,
             enable_prefix_caching: cfg.enable_prefix_caching,
             eos_token_ids: eos_token_ids.clone(),
-            shape_buckets: caps.shape_buckets.clone(),
+            shape_buckets: caps.shape_buckets.as_ref().map(input::sched_buckets),
         };
         Ok(EngineCore {
             scheduler: Scheduler::new(sched_cfg)?,
             executor,
-            batch: BatchState::new(caps.block_size, eos_token_ids),
+            caps,
+            eos_token_ids,
+            retired: Vec::new(),
             last_step_tokens: 0,
         })
     }
 
     pub fn scheduler(&self) -> &Scheduler {
         &self.scheduler
+    }
+
+    /// What the backend reported when it was built.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    pub fn executor(&self) -> &E {
+        &self.executor
     }
 
     pub fn stats(&self) -> SchedulerStats {
@@ -115,37 +165,25 @@ impl<E: ModelExecutor> EngineCore<E> {
     pub fn step(&mut self) -> Result<Vec<SeqOutput>, EngineError> {
         let out = self.scheduler.schedule();
         self.last_step_tokens = out.num_scheduled_tokens;
-        let _span = debug_span!("step", seqs = out.num_seqs(), tokens = out.num_scheduled_tokens).entered();
+        self.retired.extend_from_slice(&out.finished_ids);
         if out.is_empty() {
-            // Still let the batch state drop finished sequences.
-            self.batch.prepare(&out).ok();
             return Ok(Vec::new());
         }
-        let first: Vec<RequestId> = out.new_seqs.iter().filter(|n| n.first_time).map(|n| n.id).collect();
-        let run = self
-            .batch
-            .prepare(&out)
-            .and_then(|input| self.executor.execute(&input))
-            .and_then(|output| self.batch.sample(&out, &output));
-        let sampled = match run {
+        let _span = debug_span!("step", seqs = out.num_seqs(), tokens = out.num_scheduled_tokens).entered();
+        let input = input::build(&self.scheduler, &out, std::mem::take(&mut self.retired))?;
+        let sampled = match self.executor.execute(&input).and_then(|output| self.next_tokens(&out, output)) {
             Ok(sampled) => sampled,
-            Err(e) => {
-                return Ok(self.fail(&out.batch().map(|(id, _)| id).collect::<Vec<_>>(), &e.to_string()));
-            }
+            Err(e) => return Ok(self.fail(&out, &e.to_string())),
         };
         let tokens: Vec<Option<TokenId>> = sampled.iter().map(|s| s.as_ref().map(|s| s.token)).collect();
         let updates = self.scheduler.update(&out, &tokens)?;
-        let mut by_id: HashMap<RequestId, Sampled> = HashMap::new();
-        for ((id, _), s) in out.batch().zip(sampled) {
-            if let Some(s) = s {
-                by_id.insert(id, s);
-            }
-        }
+        let mut by_id: HashMap<RequestId, SampledToken> =
+            out.batch().zip(sampled).filter_map(|((id, _), s)| Some((id, s?))).collect();
         Ok(updates
             .into_iter()
             .map(|u| SeqOutput {
                 sampled: by_id.remove(&u.id),
-                first_scheduled: first.contains(&u.id),
+                first_scheduled: out.new_seqs.iter().any(|n| n.id == u.id && n.first_time),
                 id: u.id,
                 finished: u.finished,
                 usage: u.usage,
@@ -154,12 +192,53 @@ impl<E: ModelExecutor> EngineCore<E> {
             .collect())
     }
 
-    fn fail(&mut self, ids: &[RequestId], message: &str) -> Vec<SeqOutput> {
-        tracing::error!(error = message, seqs = ids.len(), "step failed; ending its sequences");
-        ids.iter()
-            .filter_map(|&id| {
+    /// The next token of every sequence whose scheduled tokens reach its
+    /// end, in batch order (`None` for a prefill chunk that does not):
+    /// sampled here from logits, or as the backend sampled it.
+    fn next_tokens(
+        &self,
+        out: &SchedulerOutput,
+        output: ModelOutput,
+    ) -> Result<Vec<Option<SampledToken>>, ExecError> {
+        let mut rows = match output {
+            ModelOutput::Logits(logits) => Rows::Logits { logits, next: 0 },
+            ModelOutput::Sampled(tokens) => Rows::Sampled(tokens.into_iter()),
+        };
+        let mut next = Vec::with_capacity(out.num_seqs());
+        for (id, n) in out.batch() {
+            let seq = scheduled(&self.scheduler, id).map_err(|e| ExecError::Input(e.to_string()))?;
+            if !reaches_end(seq, n) {
+                next.push(None);
+                continue;
+            }
+            let ctx = SampleContext {
+                params: &seq.params,
+                tokens: seq.tokens(),
+                prompt_len: seq.prompt().len(),
+                eos_token_ids: &self.eos_token_ids,
+            };
+            let token =
+                rows.next(&ctx).ok_or_else(|| ExecError::Backend(format!("no output row for {id}")))?;
+            if token.token as usize >= self.caps.vocab_size {
+                return Err(ExecError::Backend(format!(
+                    "token {} for {id} is outside the vocabulary",
+                    token.token
+                )));
+            }
+            next.push(Some(token));
+        }
+        if !rows.is_done() {
+            return Err(ExecError::Backend("more output rows than sequences to sample".into()));
+        }
+        Ok(next)
+    }
+
+    fn fail(&mut self, out: &SchedulerOutput, message: &str) -> Vec<SeqOutput> {
+        tracing::error!(error = message, seqs = out.num_seqs(), "step failed; ending its sequences");
+        let ids: Vec<RequestId> = out.batch().map(|(id, _)| id).collect();
+        ids.into_iter()
+            .filter_map(|id| {
                 let usage = self.scheduler.abort(id, FinishReason::Error)?.usage();
-                self.batch.remove(id);
                 Some(SeqOutput {
                     id,
                     sampled: None,
@@ -170,6 +249,23 @@ impl<E: ModelExecutor> EngineCore<E> {
                 })
             })
             .collect()
+    }
+
+    /// Runs one short request through every stage before serving, so the
+    /// first client does not pay for thread-pool start-up and first-touch
+    /// page faults (about 0.7 s on our 2-core CPU machine).
+    pub fn warm_up(&mut self) -> Result<(), EngineError> {
+        let max_len = self.scheduler.config().max_model_len;
+        if max_len < 4 {
+            return Ok(());
+        }
+        let len = 32.min(max_len - 3);
+        let vocab = self.caps.vocab_size as TokenId;
+        let params = SamplingParams { temperature: 0.0, max_tokens: 2, ..Default::default() };
+        let prompt = (1..=len as TokenId).map(|t| t % vocab).collect();
+        self.add(SequenceRequest::new(RequestId(0), prompt, params))?;
+        self.run_to_completion()?;
+        Ok(())
     }
 
     /// Steps until every queued sequence has finished; returns each one's

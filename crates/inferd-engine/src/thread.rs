@@ -1,5 +1,5 @@
-//! The engine thread: one OS thread owns the [`EngineCore`] (scheduler,
-//! executor, batch state) with no locks around them. Requests arrive as
+//! The engine thread: one OS thread owns the [`EngineCore`] (scheduler and
+//! executor) with no locks around them. Requests arrive as
 //! commands; each request's events leave on its own channel. A request
 //! whose receiver is dropped (the client went away) is aborted before the
 //! next step, so its blocks are freed within one step.
@@ -10,12 +10,12 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use inferd_core::{FinishReason, RequestId, StreamEvent};
-use inferd_exec::ModelExecutor;
+use inferd_contract::{Capabilities, ExecError, ModelExecutor};
+use inferd_core::{FinishReason, RequestId, StreamEvent, TokenId};
 use inferd_sched::{SchedulerStats, SequenceRequest};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::{EngineCore, EngineError, SeqOutput};
+use crate::{EngineConfig, EngineCore, EngineError, SeqOutput};
 
 enum Command {
     Add { req: SequenceRequest, events: UnboundedSender<StreamEvent> },
@@ -74,6 +74,7 @@ pub struct EngineHandle {
     stats: Arc<EngineStats>,
     started: Instant,
     next_id: Arc<AtomicU64>,
+    caps: Arc<Capabilities>,
 }
 
 impl std::fmt::Debug for Command {
@@ -92,22 +93,62 @@ impl std::fmt::Debug for Command {
 pub struct EngineGone;
 
 impl EngineHandle {
-    /// Starts the engine thread over `core`.
-    pub fn spawn<E: ModelExecutor + 'static>(core: EngineCore<E>) -> (EngineHandle, JoinHandle<()>) {
+    /// Starts the engine thread. `build` makes the executor on that thread
+    /// (a device context belongs to the thread that uses it); the engine is
+    /// then warmed up. Returns once it is ready to serve, or with the error
+    /// that stopped it.
+    pub fn start<E, F>(
+        build: F,
+        cfg: EngineConfig,
+        eos_token_ids: Vec<TokenId>,
+    ) -> Result<(EngineHandle, JoinHandle<()>), EngineError>
+    where
+        E: ModelExecutor + 'static,
+        F: FnOnce() -> Result<E, ExecError> + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let stats = Arc::new(EngineStats::default());
         let started = Instant::now();
-        stats.publish(&core.stats());
         let thread_stats = stats.clone();
         let join = std::thread::Builder::new()
             .name("inferd-engine".into())
             .spawn(move || {
                 // Marks the engine stopped however the thread ends, panics included.
                 let _guard = StoppedOnDrop(thread_stats.clone());
+                let core = build().map_err(EngineError::from).and_then(|executor| {
+                    let mut core = EngineCore::new(executor, &cfg, eos_token_ids)?;
+                    core.warm_up()?;
+                    Ok(core)
+                });
+                let core = match core {
+                    Ok(core) => core,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                thread_stats.publish(&core.stats());
+                let _ = ready_tx.send(Ok(core.capabilities().clone()));
                 EngineLoop { core, rx, stats: thread_stats, streams: HashMap::new(), started }.run();
             })
             .expect("spawning the engine thread");
-        (EngineHandle { commands: tx, stats, started, next_id: Arc::new(AtomicU64::new(1)) }, join)
+        let caps = ready_rx
+            .recv()
+            .map_err(|_| EngineError::Inconsistent("the engine thread died while starting".into()))??;
+        let handle = EngineHandle {
+            commands: tx,
+            stats,
+            started,
+            next_id: Arc::new(AtomicU64::new(1)),
+            caps: Arc::new(caps),
+        };
+        Ok((handle, join))
+    }
+
+    /// The backend's capabilities, as it reported them when built.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
     }
 
     /// A fresh engine-side id.

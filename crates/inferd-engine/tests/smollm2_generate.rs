@@ -1,19 +1,21 @@
 //! Greedy generation with the real SmolLM2 through scheduler, CPU executor
 //! and sampler together.
 
-use std::sync::Arc;
-use std::time::Instant;
-
+use inferd_contract::{DType, SampledToken};
 use inferd_core::{RequestId, SamplingParams};
 use inferd_engine::{EngineConfig, EngineCore};
-use inferd_exec::{CpuExecutor, CpuExecutorConfig, KvDtype, Sampled};
+use inferd_exec::{CpuExecutor, CpuExecutorConfig};
 use inferd_models::testing::smollm2_path;
 use inferd_models::{ChatMessage, LoadOptions, TextTokenizer, WeightFormat, load};
 use inferd_sched::SequenceRequest;
 
 /// Greedy answer to one user message: each step's sampled token with its
 /// top-5 logprobs, and the tokenizer.
-fn chat_greedy_steps(format: WeightFormat, question: &str, max_tokens: u32) -> (Vec<Sampled>, TextTokenizer) {
+fn chat_greedy_steps(
+    format: WeightFormat,
+    question: &str,
+    max_tokens: u32,
+) -> (Vec<SampledToken>, TextTokenizer) {
     let opts = LoadOptions { format, max_positions: Some(1024), ..Default::default() };
     let loaded = load(&smollm2_path(), &opts).unwrap();
     let prompt =
@@ -22,21 +24,14 @@ fn chat_greedy_steps(format: WeightFormat, question: &str, max_tokens: u32) -> (
     let exec_cfg = CpuExecutorConfig {
         block_size: 16,
         kv_cache_memory: 64 << 20,
-        kv_dtype: KvDtype::F32,
+        kv_dtype: DType::F32,
         max_model_len: 1024,
     };
     let exec = CpuExecutor::new(loaded.model, exec_cfg).unwrap();
     let mut engine =
         EngineCore::new(exec, &EngineConfig::default(), loaded.tokenizer.eos_token_ids.clone()).unwrap();
     let params = SamplingParams { temperature: 0.0, max_tokens, logprobs: Some(5), ..Default::default() };
-    let req = SequenceRequest {
-        id: RequestId(1),
-        prompt: ids,
-        params: Arc::new(params),
-        priority: 0,
-        arrival: Instant::now(),
-    };
-    engine.add(req).unwrap();
+    engine.add(SequenceRequest::new(RequestId(1), ids, params)).unwrap();
     let mut steps = Vec::new();
     while engine.has_work() {
         steps.extend(engine.step().unwrap().into_iter().filter_map(|o| o.sampled));
@@ -51,7 +46,7 @@ fn chat_greedy(format: WeightFormat, question: &str, max_tokens: u32) -> String 
 
 #[test]
 fn f32_compute_knows_the_capital_of_france() {
-    let answer = chat_greedy(WeightFormat::F32, "What is the capital of France?", 12);
+    let answer = chat_greedy(WeightFormat::Dense, "What is the capital of France?", 12);
     assert!(answer.contains("Paris"), "{answer:?}");
 }
 

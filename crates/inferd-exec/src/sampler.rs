@@ -1,12 +1,18 @@
 //! Token sampling on the CPU, one logits row at a time, with each request's
-//! own parameters and seeded RNG. Order: penalties, then the `min_tokens`
-//! mask, then logprobs (of the penalized distribution, before temperature),
-//! then greedy argmax or temperature, min_p, top_k and top_p filtering and a
-//! draw.
+//! own parameters. Order: penalties, then the `min_tokens` mask, then
+//! logprobs (of the penalized distribution, before temperature), then greedy
+//! argmax or temperature, min_p, top_k and top_p filtering and a draw.
+//!
+//! A seeded request draws from an RNG keyed by its seed and the number of
+//! tokens it holds, so no RNG state lives between steps: a sequence draws
+//! the same tokens whether it ran straight through or was preempted and
+//! recomputed, and whichever side samples (engine or device) needs only the
+//! seed and the position.
 
+use inferd_contract::SampledToken;
 use inferd_core::{Logprob, SamplingParams, TokenId, TokenLogprobs};
-use rand::Rng;
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// What the sampler needs to know about one sequence.
 #[derive(Debug, Clone, Copy)]
@@ -96,8 +102,32 @@ fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-/// Samples one token from `logits` (modified in place).
-pub fn sample(logits: &mut [f32], ctx: &SampleContext, rng: &mut StdRng) -> (TokenId, Option<TokenLogprobs>) {
+/// The RNG of a seeded request's draw for its token number `num_tokens`
+/// (prompt included): ChaCha keyed by both, so every (seed, position) pair
+/// has its own stream and no two collide.
+pub fn seeded_rng(seed: u64, num_tokens: usize) -> StdRng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&(num_tokens as u64).to_le_bytes());
+    StdRng::from_seed(key)
+}
+
+/// Samples the next token of `ctx`'s sequence from `logits` (modified in
+/// place): seeded requests reproducibly, others from the thread's RNG.
+pub fn sample(logits: &mut [f32], ctx: &SampleContext) -> SampledToken {
+    let (token, logprobs) = match ctx.params.seed {
+        Some(seed) => sample_with(logits, ctx, &mut seeded_rng(seed, ctx.tokens.len())),
+        None => sample_with(logits, ctx, &mut rand::rng()),
+    };
+    SampledToken { token, logprobs }
+}
+
+/// Samples one token from `logits` (modified in place) with `rng`.
+pub fn sample_with<R: Rng>(
+    logits: &mut [f32],
+    ctx: &SampleContext,
+    rng: &mut R,
+) -> (TokenId, Option<TokenLogprobs>) {
     apply_penalties(logits, ctx);
     mask_early_stop(logits, ctx);
     let p = ctx.params;
@@ -107,7 +137,7 @@ pub fn sample(logits: &mut [f32], ctx: &SampleContext, rng: &mut StdRng) -> (Tok
 }
 
 /// Temperature, min_p, top_k and top_p, then one draw.
-fn draw(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> usize {
+fn draw<R: Rng>(logits: &[f32], p: &SamplingParams, rng: &mut R) -> usize {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let inv_t = 1.0 / p.temperature;
     let mut probs: Vec<f32> = logits.iter().map(|l| ((l - max) * inv_t).exp()).collect();
@@ -157,8 +187,6 @@ fn nucleus(probs: &[f32], total: f32, top_k: usize, top_p: f32) -> Vec<usize> {
 
 #[cfg(test)]
 mod tests {
-    use rand::SeedableRng;
-
     use super::*;
 
     fn ctx<'a>(params: &'a SamplingParams, tokens: &'a [TokenId]) -> SampleContext<'a> {
@@ -169,7 +197,7 @@ mod tests {
     fn greedy_takes_the_argmax_and_reports_logprobs() {
         let params = SamplingParams { temperature: 0.0, logprobs: Some(2), ..Default::default() };
         let mut logits = vec![0.0, 3.0, 1.0, 3.0];
-        let (t, lp) = sample(&mut logits, &ctx(&params, &[2]), &mut StdRng::seed_from_u64(0));
+        let (t, lp) = sample_with(&mut logits, &ctx(&params, &[2]), &mut StdRng::seed_from_u64(0));
         assert_eq!(t, 1, "ties go to the lower id");
         let lp = lp.unwrap();
         assert_eq!(lp.top.iter().map(|l| l.token).collect::<Vec<_>>(), [1, 3]);
@@ -177,16 +205,31 @@ mod tests {
         assert!((lp.sampled.logprob - (3.0f32.exp() / total).ln()).abs() < 1e-5);
     }
 
+    /// Generates `n` tokens from fixed logits, appending each draw.
+    fn generate(params: &SamplingParams, logits: &[f32], n: usize) -> Vec<TokenId> {
+        let mut tokens = vec![1];
+        for _ in 0..n {
+            let t = sample(&mut logits.to_vec(), &ctx(params, &tokens)).token;
+            tokens.push(t);
+        }
+        tokens.split_off(1)
+    }
+
     #[test]
-    fn same_seed_same_draws() {
-        let params = SamplingParams { temperature: 1.0, ..Default::default() };
+    fn same_seed_same_draws_and_recompute_draws_the_same() {
+        let seeded = |seed| SamplingParams { temperature: 1.0, seed: Some(seed), ..Default::default() };
         let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
-        let run = |seed| {
-            let mut rng = StdRng::seed_from_u64(seed);
-            (0..20).map(|_| sample(&mut logits.clone(), &ctx(&params, &[1]), &mut rng).0).collect::<Vec<_>>()
-        };
-        assert_eq!(run(7), run(7));
-        assert_ne!(run(7), run(8));
+        let a = generate(&seeded(7), &logits, 20);
+        assert_eq!(a, generate(&seeded(7), &logits, 20));
+        assert_ne!(a, generate(&seeded(8), &logits, 20));
+        // A draw depends only on the seed and the tokens so far: the 11th
+        // token redrawn from the first 10 (as after a preemption) is the same.
+        let mut tokens = vec![1];
+        tokens.extend(&a[..10]);
+        assert_eq!(sample(&mut logits.clone(), &ctx(&seeded(7), &tokens)).token, a[10]);
+        // Unseeded requests are not all alike.
+        let free = SamplingParams { temperature: 1.0, ..Default::default() };
+        assert_ne!(generate(&free, &logits, 20), generate(&free, &logits, 20));
     }
 
     #[test]
@@ -197,10 +240,14 @@ mod tests {
         let p = SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() };
         let minp = SamplingParams { temperature: 1.0, min_p: 0.5, ..Default::default() };
         for _ in 0..200 {
-            assert!(sample(&mut logits.clone(), &ctx(&k2, &[9]), &mut rng).0 < 2);
-            assert_eq!(sample(&mut logits.clone(), &ctx(&p, &[9]), &mut rng).0, 0, "top token holds 66%");
+            assert!(sample_with(&mut logits.clone(), &ctx(&k2, &[9]), &mut rng).0 < 2);
             assert_eq!(
-                sample(&mut logits.clone(), &ctx(&minp, &[9]), &mut rng).0,
+                sample_with(&mut logits.clone(), &ctx(&p, &[9]), &mut rng).0,
+                0,
+                "top token holds 66%"
+            );
+            assert_eq!(
+                sample_with(&mut logits.clone(), &ctx(&minp, &[9]), &mut rng).0,
                 0,
                 "only the top token is within min_p"
             );
@@ -212,8 +259,9 @@ mod tests {
         let params = SamplingParams { temperature: 1.0, ..Default::default() };
         let logits = vec![0.0f32, (3.0f32).ln()]; // probabilities 1/4, 3/4
         let mut rng = StdRng::seed_from_u64(3);
-        let ones =
-            (0..4000).filter(|_| sample(&mut logits.clone(), &ctx(&params, &[5]), &mut rng).0 == 1).count();
+        let ones = (0..4000)
+            .filter(|_| sample_with(&mut logits.clone(), &ctx(&params, &[5]), &mut rng).0 == 1)
+            .count();
         assert!((2800..3200).contains(&ones), "{ones}");
     }
 
@@ -239,10 +287,10 @@ mod tests {
         let params =
             SamplingParams { temperature: 0.0, min_tokens: 2, stop_token_ids: vec![3], ..Default::default() };
         let mut logits = vec![9.0, 1.0, 2.0, 8.0];
-        let (t, _) = sample(&mut logits, &ctx(&params, &[5, 6]), &mut StdRng::seed_from_u64(0));
+        let (t, _) = sample_with(&mut logits, &ctx(&params, &[5, 6]), &mut StdRng::seed_from_u64(0));
         assert_eq!(t, 2, "EOS (0) and stop id 3 are masked: one token generated so far");
         let mut logits = vec![9.0, 1.0, 2.0, 8.0];
-        let (t, _) = sample(&mut logits, &ctx(&params, &[5, 6, 7]), &mut StdRng::seed_from_u64(0));
+        let (t, _) = sample_with(&mut logits, &ctx(&params, &[5, 6, 7]), &mut StdRng::seed_from_u64(0));
         assert_eq!(t, 0, "after min_tokens EOS is allowed again");
     }
 }

@@ -1,11 +1,12 @@
 //! Loading a Hugging Face model folder: config.json, model.safetensors or a
-//! sharded index, in f32, f16 or bf16 (converted to f32 once, at load, on CPU).
+//! sharded index, in f32, f16 or bf16 as stored (the model converts them to
+//! its compute dtype once, at load).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -57,8 +58,6 @@ impl Source {
     fn get(&self, name: &str) -> Result<Tensor> {
         let t =
             self.st.load(name, &Device::Cpu).map_err(|e| format_err(&self.dir, format!("{name}: {e}")))?;
-        // bf16 and f16 matmuls are emulated on CPU: widen once here.
-        let t = if self.device.is_cpu() { t.to_dtype(DType::F32)? } else { t };
         Ok(t.to_device(&self.device)?)
     }
 

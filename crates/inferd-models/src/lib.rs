@@ -20,5 +20,5 @@ pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
 pub use linear::WeightFormat;
 pub use llama::{AttentionBackend, BatchTokens, LayerWeights, Llama, ModelWeights};
-pub use loader::{LoadOptions, LoadedModel, load, load_weights, resolve};
+pub use loader::{LoadOptions, LoadedModel, load, load_text, load_weights, resolve};
 pub use tokenizer::TextTokenizer;

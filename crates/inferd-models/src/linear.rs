@@ -1,25 +1,26 @@
-//! Linear layers in the compute format chosen at load. candle's CPU kernels
-//! differ widely in speed by weight format, so the format is a load option:
-//! `native` keeps the file's quantization, `q8_0` requantizes (its AVX-512
-//! VNNI path needs inner dimensions that are multiples of 256), `f32`
-//! dequantizes for the batched GEMM.
+//! Linear layers in the weight format and compute dtype chosen at load.
+//! candle's CPU kernels differ widely in speed by weight format, so the
+//! format is a load option: `native` keeps the file's quantization, `q8_0`
+//! requantizes (its AVX-512 VNNI path on the CPU needs inner dimensions that
+//! are multiples of 256), `dense` dequantizes to the compute dtype for the
+//! batched GEMM. Quantized matmuls take activations in any float dtype.
 
 use std::borrow::Cow;
 use std::str::FromStr;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 
 /// How weights are held for compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightFormat {
-    /// As stored: GGUF quantizations stay quantized; dense weights become f32 on CPU.
+    /// As stored: GGUF quantizations stay quantized; dense weights take the compute dtype.
     #[default]
     Native,
     /// Every matrix requantized to Q8_0 (dense ones quantized from f32).
     Q8_0,
-    /// Every matrix dequantized to f32.
-    F32,
+    /// Every matrix dequantized to the compute dtype (`f32` on the CPU).
+    Dense,
 }
 
 impl FromStr for WeightFormat {
@@ -28,8 +29,8 @@ impl FromStr for WeightFormat {
         match s.to_ascii_lowercase().as_str() {
             "native" => Ok(WeightFormat::Native),
             "q8_0" | "q8" => Ok(WeightFormat::Q8_0),
-            "f32" => Ok(WeightFormat::F32),
-            other => Err(format!("unknown weight format {other:?} (expected native, q8_0 or f32)")),
+            "dense" | "f32" => Ok(WeightFormat::Dense),
+            other => Err(format!("unknown weight format {other:?} (expected native, q8_0 or dense)")),
         }
     }
 }
@@ -50,36 +51,49 @@ impl RawWeight {
         }
     }
 
-    /// The matrix in f32.
-    pub fn to_f32(&self) -> Result<Tensor> {
+    /// The matrix in `dtype`, dequantized if need be.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         match self {
-            RawWeight::Quantized(q) => q.dequantize(&q.device()),
-            RawWeight::Dense(t) => t.to_dtype(DType::F32),
+            RawWeight::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+            RawWeight::Dense(t) => t.to_dtype(dtype),
         }
     }
 
-    /// Converts to the compute format.
-    pub fn into_matmul(self, format: WeightFormat) -> Result<QMatMul> {
-        self.into_matmul_padded(format, 0)
+    /// The device the matrix lives on.
+    pub fn device(&self) -> Device {
+        match self {
+            RawWeight::Quantized(q) => q.device(),
+            RawWeight::Dense(t) => t.device().clone(),
+        }
     }
 
-    /// Converts to the compute format with `pad` zero columns appended (the
+    /// Converts to the weight format; dense results take `dtype`.
+    pub fn into_matmul(self, format: WeightFormat, dtype: DType) -> Result<QMatMul> {
+        self.into_matmul_padded(format, dtype, 0)
+    }
+
+    /// Converts to the weight format with `pad` zero columns appended (the
     /// input then needs `pad` zeros appended too). Only q8_0 pads.
-    pub fn into_matmul_padded(self, format: WeightFormat, pad: usize) -> Result<QMatMul> {
+    pub fn into_matmul_padded(self, format: WeightFormat, dtype: DType, pad: usize) -> Result<QMatMul> {
         if pad > 0 && format == WeightFormat::Q8_0 {
-            let w = self.to_f32()?.pad_with_zeros(1, 0, pad)?;
+            let w = self.to_dtype(DType::F32)?.pad_with_zeros(1, 0, pad)?;
             return QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?);
         }
         let (_, k) = self.dims2()?;
-        match (format, self) {
-            (WeightFormat::Native, RawWeight::Quantized(q)) => QMatMul::from_qtensor(q),
+        let m = match (format, self) {
+            (WeightFormat::Native, RawWeight::Quantized(q)) => QMatMul::from_qtensor(q)?,
             (WeightFormat::Q8_0, RawWeight::Quantized(q)) if q.dtype() == GgmlDType::Q8_0 => {
-                QMatMul::from_qtensor(q)
+                QMatMul::from_qtensor(q)?
             }
             (WeightFormat::Q8_0, w) if k % GgmlDType::Q8_0.block_size() == 0 => {
-                QMatMul::from_qtensor(QTensor::quantize(&w.to_f32()?, GgmlDType::Q8_0)?)
+                QMatMul::from_qtensor(QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0)?)?
             }
-            (_, w) => Ok(QMatMul::Tensor(w.to_f32()?)),
+            (_, w) => QMatMul::Tensor(w.to_dtype(dtype)?),
+        };
+        // candle dequantizes f32/f16/bf16 "quantized" tensors to f32 itself.
+        match m {
+            QMatMul::Tensor(t) => Ok(QMatMul::Tensor(t.to_dtype(dtype)?)),
+            m => Ok(m),
         }
     }
 }
@@ -87,8 +101,9 @@ impl RawWeight {
 /// Zero columns to append to a q8_0 matrix of inner dimension `k` so that
 /// candle's repacked AVX-512 VNNI kernel takes it: that kernel needs `k` to be
 /// a multiple of 256 and runs several times faster than the plain Q8_0 dot,
-/// which more than pays for the zeros (SmolLM2's 576 becomes 768).
-pub fn repack_padding(format: WeightFormat, k: usize, n: usize) -> usize {
+/// which more than pays for the zeros (SmolLM2's 576 becomes 768). A CPU
+/// kernel's layout: weights on any other device are never padded.
+pub fn repack_padding(format: WeightFormat, k: usize, n: usize, device: &Device) -> usize {
     const QK_K: usize = 256;
     const TILE_N: usize = 16;
     #[cfg(target_arch = "x86_64")]
@@ -96,7 +111,8 @@ pub fn repack_padding(format: WeightFormat, k: usize, n: usize) -> usize {
         std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     let vnni = false;
-    if format != WeightFormat::Q8_0 || !vnni || k.is_multiple_of(QK_K) || !n.is_multiple_of(TILE_N) {
+    let cpu = device.is_cpu();
+    if format != WeightFormat::Q8_0 || !cpu || !vnni || k.is_multiple_of(QK_K) || !n.is_multiple_of(TILE_N) {
         return 0;
     }
     k.next_multiple_of(QK_K) - k
@@ -149,13 +165,22 @@ pub struct FusedLinear {
 }
 
 impl FusedLinear {
-    /// Builds from per-projection weights and optional per-projection biases.
-    pub fn new(parts: Vec<RawWeight>, biases: Option<Vec<Tensor>>, format: WeightFormat) -> Result<Self> {
+    /// Builds from per-projection weights and optional per-projection
+    /// biases; dense weights and biases take the compute `dtype`.
+    pub fn new(
+        parts: Vec<RawWeight>,
+        biases: Option<Vec<Tensor>>,
+        format: WeightFormat,
+        dtype: DType,
+    ) -> Result<Self> {
         let out_sizes = parts.iter().map(|p| p.dims2().map(|d| d.0)).collect::<Result<Vec<_>>>()?;
         let k = parts.first().map(|p| p.dims2()).transpose()?.map_or(0, |d| d.1);
-        let pad = out_sizes.iter().map(|&n| repack_padding(format, k, n)).min().unwrap_or(0);
-        let mats =
-            parts.into_iter().map(|p| p.into_matmul_padded(format, pad)).collect::<Result<Vec<_>>>()?;
+        let device = parts.first().map_or(Device::Cpu, RawWeight::device);
+        let pad = out_sizes.iter().map(|&n| repack_padding(format, k, n, &device)).min().unwrap_or(0);
+        let mats = parts
+            .into_iter()
+            .map(|p| p.into_matmul_padded(format, dtype, pad))
+            .collect::<Result<Vec<_>>>()?;
         let weights = if mats.len() > 1 {
             match stack_rows(mats.clone())? {
                 Some(stacked) => vec![stacked],
@@ -166,7 +191,7 @@ impl FusedLinear {
         };
         let bias = match biases {
             Some(b) => {
-                Some(Tensor::cat(&b.iter().map(|t| t.to_dtype(DType::F32)).collect::<Result<Vec<_>>>()?, 0)?)
+                Some(Tensor::cat(&b.iter().map(|t| t.to_dtype(dtype)).collect::<Result<Vec<_>>>()?, 0)?)
             }
             None => None,
         };
@@ -235,6 +260,7 @@ mod tests {
             vec![RawWeight::Quantized(qa), RawWeight::Quantized(qb)],
             None,
             WeightFormat::Native,
+            DType::F32,
         )?;
         assert_eq!(fused.weights.len(), 1, "same-type quantized weights stack");
         let outs = fused.forward(&x)?;
@@ -249,10 +275,56 @@ mod tests {
         let w = rand((64, 576), 9)?;
         let x = rand((3, 576), 10)?;
         let exact = x.matmul(&w.t()?)?;
-        let lin = FusedLinear::new(vec![RawWeight::Dense(w)], None, WeightFormat::Q8_0)?;
+        let lin = FusedLinear::new(vec![RawWeight::Dense(w)], None, WeightFormat::Q8_0, DType::F32)?;
         let diff: f32 = (lin.forward_one(&x)? - &exact)?.abs()?.max_all()?.to_scalar()?;
         assert!(diff < 0.1, "{diff}");
-        assert_eq!(lin.pad, repack_padding(WeightFormat::Q8_0, 576, 64));
+        assert_eq!(lin.pad, repack_padding(WeightFormat::Q8_0, 576, 64, &Device::Cpu));
+        Ok(())
+    }
+
+    #[test]
+    fn only_cpu_weights_get_the_cpu_kernels_padding() {
+        // The padding follows the host's VNNI support on the CPU (0 without
+        // it) and is never applied for another device, whatever the host.
+        let cpu = repack_padding(WeightFormat::Q8_0, 576, 64, &Device::Cpu);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            assert_eq!(cpu, 192);
+        }
+        assert!(cpu == 0 || cpu == 192);
+        assert_eq!(repack_padding(WeightFormat::Native, 576, 64, &Device::Cpu), 0, "q8_0 only");
+        assert_eq!(repack_padding(WeightFormat::Q8_0, 768, 64, &Device::Cpu), 0, "already a multiple of 256");
+        #[cfg(feature = "cuda")]
+        if let Ok(gpu) = Device::new_cuda(0) {
+            assert_eq!(repack_padding(WeightFormat::Q8_0, 576, 64, &gpu), 0);
+        }
+    }
+
+    #[test]
+    fn dense_weights_and_biases_take_the_compute_dtype() -> Result<()> {
+        let w = rand((32, 64), 11)?;
+        let bias = rand((1, 32), 12)?.squeeze(0)?;
+        let x = rand((2, 64), 13)?;
+        let exact = x.matmul(&w.t()?)?.broadcast_add(&bias)?;
+        for dtype in [DType::BF16, DType::F16] {
+            let lin = FusedLinear::new(
+                vec![RawWeight::Dense(w.clone())],
+                Some(vec![bias.clone()]),
+                WeightFormat::Dense,
+                dtype,
+            )?;
+            let y = lin.forward_one(&x.to_dtype(dtype)?)?;
+            assert_eq!(y.dtype(), dtype);
+            let diff: f32 = (y.to_dtype(DType::F32)? - &exact)?.abs()?.max_all()?.to_scalar()?;
+            let scale: f32 = exact.abs()?.max_all()?.to_scalar()?;
+            // bf16 keeps 8 bits of mantissa: about 1% of the largest output.
+            assert!(diff < 0.02 * scale, "{dtype:?} off by {diff} of {scale}");
+            // A quantized matrix takes activations in the compute dtype too.
+            let q = RawWeight::Quantized(QTensor::quantize(&w, GgmlDType::Q8_0)?);
+            let lin = FusedLinear::new(vec![q], None, WeightFormat::Native, dtype)?;
+            assert_eq!(lin.forward_one(&x.to_dtype(dtype)?)?.dtype(), dtype);
+        }
         Ok(())
     }
 
@@ -261,12 +333,13 @@ mod tests {
         let w = rand((32, 64), 5)?;
         let x = rand((2, 64), 6)?;
         let exact = x.matmul(&w.t()?)?;
-        for format in [WeightFormat::Native, WeightFormat::Q8_0, WeightFormat::F32] {
-            let m = RawWeight::Dense(w.clone()).into_matmul(format)?;
+        for format in [WeightFormat::Native, WeightFormat::Q8_0, WeightFormat::Dense] {
+            let m = RawWeight::Dense(w.clone()).into_matmul(format, DType::F32)?;
             let diff: f32 = (m.forward(&x)? - &exact)?.abs()?.max_all()?.to_scalar()?;
             assert!(diff < 0.1, "{format:?} off by {diff}");
         }
         assert!("Q8_0".parse::<WeightFormat>().is_ok());
+        assert_eq!("f32".parse::<WeightFormat>(), Ok(WeightFormat::Dense), "f32 stays accepted");
         assert!("q5".parse::<WeightFormat>().is_err());
         Ok(())
     }

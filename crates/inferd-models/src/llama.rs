@@ -80,33 +80,34 @@ pub struct Llama {
     lm_head: FusedLinear,
     rope: RopeTable,
     device: Device,
-}
-
-fn f32_vec(t: Tensor) -> Result<Tensor> {
-    t.to_dtype(DType::F32)
+    dtype: DType,
 }
 
 impl Llama {
-    /// Builds the model in the given compute format. `max_positions` bounds
-    /// the RoPE tables (the served context length).
+    /// Builds the model in the given weight format and compute dtype
+    /// (activations, norms, embeddings, RoPE tables and dense weights).
+    /// `max_positions` bounds the RoPE tables (the served context length).
     pub fn new(
         cfg: LlamaConfig,
         weights: ModelWeights,
         format: WeightFormat,
+        dtype: DType,
         max_positions: usize,
         device: &Device,
     ) -> Result<Self> {
-        let rope = RopeTable::new(&cfg, max_positions, weights.rope_freq_factors.as_deref(), device)?;
+        let rope = RopeTable::new(&cfg, max_positions, weights.rope_freq_factors.as_deref(), dtype, device)?;
+        let linear =
+            |parts: Vec<RawWeight>, bias: Option<Vec<Tensor>>| FusedLinear::new(parts, bias, format, dtype);
         let mut layers = Vec::with_capacity(weights.layers.len());
         for lw in weights.layers {
             let qkv_bias = lw.qkv_bias.map(|b| b.to_vec());
             layers.push(Layer {
-                attn_norm: f32_vec(lw.attn_norm)?,
-                qkv: FusedLinear::new(vec![lw.q, lw.k, lw.v], qkv_bias, format)?,
-                o: FusedLinear::new(vec![lw.o], None, format)?,
-                ffn_norm: f32_vec(lw.ffn_norm)?,
-                gate_up: FusedLinear::new(vec![lw.gate, lw.up], None, format)?,
-                down: FusedLinear::new(vec![lw.down], None, format)?,
+                attn_norm: lw.attn_norm.to_dtype(dtype)?,
+                qkv: linear(vec![lw.q, lw.k, lw.v], qkv_bias)?,
+                o: linear(vec![lw.o], None)?,
+                ffn_norm: lw.ffn_norm.to_dtype(dtype)?,
+                gate_up: linear(vec![lw.gate, lw.up], None)?,
+                down: linear(vec![lw.down], None)?,
             });
         }
         // Tied: the embedding matrix is also the output projection.
@@ -116,12 +117,13 @@ impl Llama {
                 RawWeight::Quantized(q) if format == WeightFormat::Native => {
                     RawWeight::Quantized(copy_qtensor(q)?)
                 }
-                w => RawWeight::Dense(w.to_f32()?),
+                w => RawWeight::Dense(w.to_dtype(dtype)?),
             },
         };
-        let lm_head = FusedLinear::new(vec![lm_head], None, format)?;
-        let embed = embedding_table(weights.embed, format)?;
-        Ok(Llama { cfg, embed, layers, norm: f32_vec(weights.norm)?, lm_head, rope, device: device.clone() })
+        let lm_head = linear(vec![lm_head], None)?;
+        let embed = embedding_table(weights.embed, format, dtype)?;
+        let norm = weights.norm.to_dtype(dtype)?;
+        Ok(Llama { cfg, embed, layers, norm, lm_head, rope, device: device.clone(), dtype })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -132,18 +134,25 @@ impl Llama {
         &self.device
     }
 
+    /// The dtype activations are computed in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Most positions the RoPE tables cover.
     pub fn max_positions(&self) -> usize {
         self.rope.max_positions()
     }
 
     /// Runs the batch and returns `(R, vocab)` f32 logits for `logits_rows`.
+    /// The attention backend gets q, k and v in the compute dtype and
+    /// returns its result in it.
     pub fn forward(&self, batch: &BatchTokens, attn: &mut dyn AttentionBackend) -> Result<Tensor> {
         let cfg = &self.cfg;
         let t = batch.token_ids.dims1()?;
         let eps = cfg.rms_norm_eps as f32;
         let (cos, sin) = self.rope.gather(&batch.positions)?;
-        let mut x = self.embed.embedding(&batch.token_ids)?.to_dtype(DType::F32)?;
+        let mut x = self.embed.embedding(&batch.token_ids)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let _span = trace_span!("layer", i).entered();
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
@@ -177,10 +186,10 @@ fn copy_qtensor(q: &candle_core::quantized::QTensor) -> Result<candle_core::quan
 }
 
 /// The embedding table: kept quantized in native and q8_0 formats (rows are
-/// dequantized on lookup), f32 otherwise.
-fn embedding_table(w: RawWeight, format: WeightFormat) -> Result<QMatMul> {
+/// dequantized on lookup), dense in the compute dtype otherwise.
+fn embedding_table(w: RawWeight, format: WeightFormat, dtype: DType) -> Result<QMatMul> {
     match (format, w) {
-        (WeightFormat::F32, w) => Ok(QMatMul::Tensor(w.to_f32()?)),
-        (_, w) => w.into_matmul(format),
+        (WeightFormat::Dense, w) => Ok(QMatMul::Tensor(w.to_dtype(dtype)?)),
+        (_, w) => w.into_matmul(format, dtype),
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::catalog::Catalog;
 use crate::chat::ChatTemplate;
@@ -18,6 +18,8 @@ use crate::tokenizer::TextTokenizer;
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub format: WeightFormat,
+    /// The compute dtype: activations, norms, embeddings and dense weights.
+    pub dtype: DType,
     /// Longest context to serve; defaults to the model's own.
     pub max_positions: Option<usize>,
     pub device: Device,
@@ -25,7 +27,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { format: WeightFormat::Native, max_positions: None, device: Device::Cpu }
+        LoadOptions {
+            format: WeightFormat::Native,
+            dtype: DType::F32,
+            max_positions: None,
+            device: Device::Cpu,
+        }
     }
 }
 
@@ -68,11 +75,12 @@ pub fn load_weights(path: &Path, opts: &LoadOptions) -> Result<Llama> {
         (cfg, w)
     };
     let max_positions = opts.max_positions.unwrap_or(cfg.max_position_embeddings);
-    Ok(Llama::new(cfg, weights, opts.format, max_positions, &opts.device)?)
+    Ok(Llama::new(cfg, weights, opts.format, opts.dtype, max_positions, &opts.device)?)
 }
 
-/// Loads a model, its tokenizer and its chat template.
-pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+/// Loads a model's tokenizer and its chat template (`None` when the model
+/// ships none): what the server needs, without the weights.
+pub fn load_text(path: &Path) -> Result<(TextTokenizer, Option<ChatTemplate>)> {
     let (tokenizer, template_source) = if is_hf_dir(path) {
         let tok = TextTokenizer::from_hf_dir(path)?;
         let cfg_path = path.join("tokenizer_config.json");
@@ -102,6 +110,12 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         )?),
         None => None,
     };
+    Ok((tokenizer, chat_template))
+}
+
+/// Loads a model, its tokenizer and its chat template.
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let (tokenizer, chat_template) = load_text(path)?;
     let model = load_weights(path, opts)?;
     Ok(LoadedModel { model, tokenizer, chat_template, path: path.into() })
 }

@@ -33,12 +33,14 @@ fn llama3_scale(inv_freq: f32, s: &Llama3RopeScaling) -> f32 {
 }
 
 impl RopeTable {
-    /// Tables for `max_positions` positions. `freq_factors` (GGUF's
-    /// `rope_freqs.weight`) divide the inverse frequencies when present.
+    /// Tables for `max_positions` positions, computed in f32 and held in
+    /// `dtype`. `freq_factors` (GGUF's `rope_freqs.weight`) divide the
+    /// inverse frequencies when present.
     pub fn new(
         cfg: &LlamaConfig,
         max_positions: usize,
         freq_factors: Option<&[f32]>,
+        dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let dim = cfg.head_dim;
@@ -58,7 +60,7 @@ impl RopeTable {
             .to_dtype(DType::F32)?
             .reshape((max_positions, 1))?;
         let freqs = t.matmul(&inv_freq)?;
-        Ok(RopeTable { cos: freqs.cos()?, sin: freqs.sin()? })
+        Ok(RopeTable { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
     }
 
     /// Number of positions covered.
@@ -117,7 +119,7 @@ mod tests {
     #[test]
     fn rotation_preserves_norm_and_position_zero_is_identity() -> Result<()> {
         let dev = Device::Cpu;
-        let table = RopeTable::new(&cfg(8), 32, None, &dev)?;
+        let table = RopeTable::new(&cfg(8), 32, None, DType::F32, &dev)?;
         let x = Tensor::arange(1f32, 17., &dev)?.reshape((2, 1, 8))?;
         let pos = Tensor::new(&[0u32, 5], &dev)?;
         let (cos, sin) = table.gather(&pos)?;
@@ -134,7 +136,7 @@ mod tests {
     #[test]
     fn same_position_gives_same_rotation_in_any_row() -> Result<()> {
         let dev = Device::Cpu;
-        let table = RopeTable::new(&cfg(8), 32, None, &dev)?;
+        let table = RopeTable::new(&cfg(8), 32, None, DType::F32, &dev)?;
         let row = Tensor::arange(0f32, 8., &dev)?.reshape((1, 1, 8))?;
         let x = Tensor::cat(&[&row, &row, &row], 0)?;
         let (cos, sin) = table.gather(&Tensor::new(&[7u32, 3, 7], &dev)?)?;
@@ -151,7 +153,7 @@ mod tests {
     fn interleaved_layout_equals_rotate_half_on_permuted_dims() -> Result<()> {
         // Interleaved pair (2i, 2i+1) is rotate-half pair (i, i + d/2).
         let dev = Device::Cpu;
-        let table = RopeTable::new(&cfg(8), 32, None, &dev)?;
+        let table = RopeTable::new(&cfg(8), 32, None, DType::F32, &dev)?;
         let x = Tensor::arange(1f32, 17., &dev)?.reshape((2, 1, 8))?;
         let (cos, sin) = table.gather(&Tensor::new(&[3u32, 9], &dev)?)?;
         let perm = Tensor::new(&[0u32, 4, 1, 5, 2, 6, 3, 7], &dev)?;

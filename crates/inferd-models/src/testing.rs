@@ -151,7 +151,7 @@ impl AttentionBackend for ContiguousAttention {
             .iter()
             .flat_map(|&p| (0..n).map(move |j| if j as u32 <= p { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
-        let mask = Tensor::from_vec(mask, (1, t, n), &Device::Cpu)?;
+        let mask = Tensor::from_vec(mask, (1, t, n), &Device::Cpu)?.to_dtype(scores.dtype())?;
         let probs = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)?;
         probs.matmul(&rep(&values)?)?.transpose(0, 1)?.reshape((t, heads * d))
     }

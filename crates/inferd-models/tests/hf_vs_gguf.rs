@@ -106,7 +106,7 @@ fn safetensors_folder_and_gguf_f32_give_the_same_logits() {
     let root = std::env::temp_dir().join(format!("inferd-hf-vs-gguf-{}", std::process::id()));
     let tokens: Vec<u32> = (0..19).map(|i| (i * 29 + 3) % 128).collect();
     write_gguf(&root.join("tiny.gguf"), &cfg, &weights);
-    let opts = LoadOptions { format: WeightFormat::F32, ..Default::default() };
+    let opts = LoadOptions { format: WeightFormat::Dense, ..Default::default() };
     let from_gguf =
         reference_logits(&load_weights(&root.join("tiny.gguf"), &opts).unwrap(), &tokens).unwrap();
     for dtype in [DType::F32, DType::F16, DType::BF16] {

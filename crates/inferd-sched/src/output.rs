@@ -1,30 +1,22 @@
-use std::sync::Arc;
+use inferd_core::{FinishReason, RequestId, TokenId, Usage};
 
-use inferd_core::{FinishReason, RequestId, SamplingParams, TokenId, Usage};
-use inferd_kv::BlockId;
-
-/// A sequence scheduled for the first time, or again after preemption: all
-/// the data the executor needs, sent once.
-#[derive(Debug, Clone)]
+/// A sequence admitted this step: for the first time, or again after a
+/// preemption. Its tokens, blocks and parameters stay with the scheduler's
+/// [`Sequence`](crate::Sequence), their one owner; `Scheduler::get` reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewSeq {
     pub id: RequestId,
-    /// Prompt and any output generated before a preemption.
-    pub token_ids: Vec<TokenId>,
-    pub block_ids: Vec<BlockId>,
     /// Tokens whose KV is already cached (prefix-cache hits).
     pub num_computed_tokens: usize,
     pub num_scheduled_tokens: usize,
-    pub params: Arc<SamplingParams>,
     /// False when it resumes after a preemption.
     pub first_time: bool,
 }
 
-/// A sequence that ran last step too: only what changed.
-#[derive(Debug, Clone)]
+/// A sequence that ran last step too.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunningSeq {
     pub id: RequestId,
-    /// Blocks appended to its table this step.
-    pub new_block_ids: Vec<BlockId>,
     pub num_computed_tokens: usize,
     pub num_scheduled_tokens: usize,
 }
@@ -41,11 +33,11 @@ pub struct PaddedShape {
 pub struct SchedulerOutput {
     pub running_seqs: Vec<RunningSeq>,
     pub new_seqs: Vec<NewSeq>,
-    /// Sequences that finished or were aborted since the last step: the
+    /// Sequences that finished or were aborted since the last schedule: the
     /// executor drops whatever it keeps for them.
     pub finished_ids: Vec<RequestId>,
     /// Sequences preempted this step: their blocks are gone, and they will
-    /// come back as new sequences.
+    /// come back as new sequences (`first_time` false).
     pub preempted_ids: Vec<RequestId>,
     pub num_scheduled_tokens: usize,
     pub padded_shape: Option<PaddedShape>,

@@ -164,7 +164,6 @@ impl Scheduler {
             let seq = &self.seqs[&id];
             let num_new = seq.num_uncomputed().min(*budget);
             let target = seq.num_computed_tokens + num_new;
-            let old_len = seq.block_table.len();
             // Make room by preempting from the back until this one fits.
             loop {
                 let table = &mut self.seqs.get_mut(&id).expect("running ids are in the map").block_table;
@@ -177,11 +176,9 @@ impl Scheduler {
                     return;
                 }
             }
-            let seq = &self.seqs[&id];
             out.running_seqs.push(RunningSeq {
                 id,
-                new_block_ids: seq.block_table.blocks()[old_len..].to_vec(),
-                num_computed_tokens: seq.num_computed_tokens,
+                num_computed_tokens: self.seqs[&id].num_computed_tokens,
                 num_scheduled_tokens: num_new,
             });
             *budget -= num_new;
@@ -226,11 +223,8 @@ impl Scheduler {
             seq.status = SeqStatus::Running;
             out.new_seqs.push(NewSeq {
                 id,
-                token_ids: seq.tokens().to_vec(),
-                block_ids: seq.block_table.blocks().to_vec(),
                 num_computed_tokens: seq.num_computed_tokens,
                 num_scheduled_tokens: num_new,
-                params: seq.params.clone(),
                 first_time,
             });
             self.running.push(id);

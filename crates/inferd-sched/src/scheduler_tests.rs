@@ -1,10 +1,7 @@
-use std::sync::Arc;
-use std::time::Instant;
-
 use inferd_core::{FinishReason, RequestId, SamplingParams, TokenId};
 
 use crate::{
-    SchedError, Scheduler, SchedulerConfig, SchedulerOutput, SeqUpdate, SequenceRequest, ShapeBuckets,
+    NewSeq, SchedError, Scheduler, SchedulerConfig, SchedulerOutput, SeqUpdate, SequenceRequest, ShapeBuckets,
 };
 
 const EOS: TokenId = 2;
@@ -27,13 +24,7 @@ fn params(max_tokens: u32) -> SamplingParams {
 }
 
 fn req(id: u64, prompt: Vec<TokenId>, params: SamplingParams) -> SequenceRequest {
-    SequenceRequest {
-        id: RequestId(id),
-        prompt,
-        params: Arc::new(params),
-        priority: 0,
-        arrival: Instant::now(),
-    }
+    SequenceRequest::new(RequestId(id), prompt, params)
 }
 
 fn prompt(len: usize, start: u32) -> Vec<TokenId> {
@@ -100,20 +91,24 @@ fn running_sequences_take_the_budget_before_waiting_ones() {
 fn new_sequences_carry_full_data_and_running_ones_only_changes() {
     let mut s = Scheduler::new(config()).unwrap();
     s.add(req(1, prompt(7, 0), params(10))).unwrap();
-    let (first, _) = step(&mut s, 7);
-    assert_eq!(first.new_seqs.len(), 1);
-    let new = &first.new_seqs[0];
-    assert_eq!(new.token_ids, prompt(7, 0));
-    assert_eq!(new.block_ids.len(), 2);
-    assert!(new.first_time);
+    let out = s.schedule();
+    assert_eq!(
+        out.new_seqs,
+        [NewSeq { id: RequestId(1), num_computed_tokens: 0, num_scheduled_tokens: 7, first_time: true }]
+    );
+    // The output names the sequence; its data stays with the scheduler.
+    let seq = s.get(RequestId(1)).unwrap();
+    assert_eq!(seq.tokens(), prompt(7, 0));
+    assert_eq!(seq.block_table.len(), 2);
+    s.update(&out, &[Some(7)]).unwrap();
     // 8 tokens now: the next decode fills block 2 without a new block.
     let (second, _) = step(&mut s, 7);
     assert!(second.new_seqs.is_empty());
     assert_eq!(second.running_seqs[0].num_computed_tokens, 7);
-    assert!(second.running_seqs[0].new_block_ids.is_empty());
+    assert_eq!(s.get(RequestId(1)).unwrap().block_table.len(), 2);
     // The 9th token needs a third block.
-    let (third, _) = step(&mut s, 7);
-    assert_eq!(third.running_seqs[0].new_block_ids.len(), 1);
+    step(&mut s, 7);
+    assert_eq!(s.get(RequestId(1)).unwrap().block_table.len(), 3);
 }
 
 #[test]
@@ -175,7 +170,9 @@ fn out_of_blocks_preempts_the_most_recent_by_recompute() {
     }
     let resumed = resumed.expect("preempted sequence must resume");
     assert!(!resumed.first_time);
-    assert_eq!(resumed.token_ids.len(), 8 + generated.len());
+    let seq = s.get(RequestId(2)).unwrap();
+    assert!(seq.num_tokens() >= 8 + generated.len(), "it keeps the output it had");
+    assert_eq!(&seq.output()[..generated.len()], generated);
 }
 
 #[test]

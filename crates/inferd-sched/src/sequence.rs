@@ -26,6 +26,13 @@ pub struct SequenceRequest {
     pub arrival: Instant,
 }
 
+impl SequenceRequest {
+    /// A request arriving now at the default priority.
+    pub fn new(id: RequestId, prompt: Vec<TokenId>, params: impl Into<Arc<SamplingParams>>) -> Self {
+        SequenceRequest { id, prompt, params: params.into(), priority: 0, arrival: Instant::now() }
+    }
+}
+
 /// One sequence: its tokens, how many have KV written, and its blocks.
 #[derive(Debug)]
 pub struct Sequence {

@@ -7,8 +7,6 @@
 //! - every added request finishes or is aborted, and afterwards no block leaks.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Instant;
 
 use inferd_core::{FinishReason, RequestId, SamplingParams, TokenId};
 use inferd_sched::{Scheduler, SchedulerConfig, SequenceRequest};
@@ -64,13 +62,8 @@ proptest! {
         loop {
             for (i, a) in arrivals.iter().enumerate().filter(|(_, a)| a.step == step) {
                 let id = RequestId(i as u64);
-                let req = SequenceRequest {
-                    id,
-                    prompt: a.prompt.clone(),
-                    params: Arc::new(SamplingParams { max_tokens: a.max_tokens, ..Default::default() }),
-                    priority: 0,
-                    arrival: Instant::now(),
-                };
+                let params = SamplingParams { max_tokens: a.max_tokens, ..Default::default() };
+                let req = SequenceRequest::new(id, a.prompt.clone(), params);
                 if s.add(req).is_ok() {
                     pending.insert(id);
                     if let Some(after) = a.abort_after {

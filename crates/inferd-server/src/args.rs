@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use inferd_exec::KvDtype;
+use inferd_contract::{DType, DeviceSpec};
+use inferd_exec::ExecutorConfig;
 use inferd_models::WeightFormat;
 
 #[derive(Debug, Parser)]
@@ -39,6 +40,27 @@ pub enum LedgerDurability {
     Process,
     /// It survives power loss too (one fsync per commit).
     Full,
+}
+
+/// A dtype flag: a dtype, or `auto` (`None`) for the backend's choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoDType(pub Option<DType>);
+
+impl std::str::FromStr for AutoDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            Ok(AutoDType(None))
+        } else {
+            s.parse().map(|d| AutoDType(Some(d)))
+        }
+    }
+}
+
+/// Parses a fraction in (0, 1].
+pub fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("invalid number {s:?}"))?;
+    if v > 0.0 && v <= 1.0 { Ok(v) } else { Err(format!("must be in (0, 1], got {s}")) }
 }
 
 /// Parses sizes such as `512MiB`, `2GiB`, `1G` or plain bytes.
@@ -79,16 +101,28 @@ pub struct ServeArgs {
     /// Longest sequence (prompt + output); defaults to the model's context length.
     #[arg(long, env = "INFERD_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
+    /// The backend: cpu, cuda[:N] or neuron (each needs its cargo feature but cpu).
+    #[arg(long, env = "INFERD_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Compute dtype: f32, bf16, f16, or auto (f32 on the CPU, bf16 on devices).
+    #[arg(long, env = "INFERD_DTYPE", default_value = "auto")]
+    pub dtype: AutoDType,
     /// Tokens per KV block.
     #[arg(long, env = "INFERD_BLOCK_SIZE", default_value_t = 16)]
     pub block_size: usize,
-    /// Memory for the KV cache (e.g. 512MiB, 2GiB); sets the number of blocks.
+    /// Host memory for the KV cache on the CPU backend (e.g. 512MiB, 2GiB);
+    /// sets the number of blocks.
     #[arg(long, env = "INFERD_KV_CACHE_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
     pub kv_cache_memory: usize,
-    /// KV cache element type: f32 or f16.
-    #[arg(long, env = "INFERD_KV_CACHE_DTYPE", default_value = "f32")]
-    pub kv_cache_dtype: KvDtype,
-    /// CPU compute format of the weights: native, q8_0 or f32.
+    /// Fraction of device memory a device backend may fill, weights
+    /// included; its KV cache takes what the weights leave.
+    #[arg(long, env = "INFERD_GPU_MEMORY_UTILIZATION", value_parser = parse_fraction)]
+    pub gpu_memory_utilization: Option<f64>,
+    /// KV cache element type: f32, f16, bf16, or auto (the compute dtype).
+    #[arg(long, env = "INFERD_KV_CACHE_DTYPE", default_value = "auto")]
+    pub kv_cache_dtype: AutoDType,
+    /// Weight format: q8_0, native (as stored) or dense (dequantized to the
+    /// compute dtype; `f32` is accepted for it).
     #[arg(long, env = "INFERD_CPU_WEIGHTS", default_value = "q8_0")]
     pub cpu_weights: WeightFormat,
     /// Compute threads; defaults to the physical cores.
@@ -160,9 +194,43 @@ pub struct ServeArgs {
     pub cost_window: f64,
 }
 
+/// vLLM's default share of device memory.
+const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
+
+impl ServeArgs {
+    /// What the engine thread builds its backend from.
+    pub fn executor_config(&self, model_path: PathBuf) -> ExecutorConfig {
+        ExecutorConfig {
+            device: self.device,
+            model_path,
+            weight_format: self.cpu_weights,
+            dtype: self.dtype.0,
+            kv_dtype: self.kv_cache_dtype.0,
+            block_size: self.block_size,
+            kv_cache_memory: self.kv_cache_memory,
+            gpu_memory_utilization: self.gpu_memory_utilization.unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION),
+            max_model_len: self.max_model_len,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_flags_parse() {
+        let cli = Cli::try_parse_from(["inferd", "serve", "--device", "cuda:1", "--dtype", "bf16"]).unwrap();
+        let Command::Serve(args) = cli.command else { panic!("serve") };
+        assert_eq!(args.device, DeviceSpec::Cuda(1));
+        assert_eq!(args.dtype, AutoDType(Some(DType::BF16)));
+        assert_eq!(args.kv_cache_dtype, AutoDType(None), "auto follows the compute dtype");
+        assert_eq!(args.executor_config("m.gguf".into()).gpu_memory_utilization, 0.9);
+        let bad = Cli::try_parse_from(["inferd", "serve", "--gpu-memory-utilization", "1.5"]).unwrap_err();
+        assert!(bad.to_string().contains("(0, 1]"), "{bad}");
+        let bad = Cli::try_parse_from(["inferd", "serve", "--device", "tpu"]).unwrap_err();
+        assert!(bad.to_string().contains("unknown device"), "{bad}");
+    }
 
     #[test]
     fn sizes_parse_with_units() {

@@ -88,7 +88,7 @@ impl Choice {
         let prompt_tokens = prompt.len() as u32;
         let stops = params.stop.clone();
         let priority = meter.priority();
-        let req = SequenceRequest { id, prompt, params, priority, arrival: Instant::now() };
+        let req = SequenceRequest { priority, ..SequenceRequest::new(id, prompt, params) };
         let rx = engine
             .add(req)
             .map_err(|e| ApiError::Unavailable { message: e.to_string(), retry_after_secs: 5 })?;

@@ -28,9 +28,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use inferd_engine::{EngineConfig, EngineCore, EngineHandle};
-use inferd_exec::{CpuExecutor, CpuExecutorConfig, ModelExecutor};
-use inferd_models::{LoadOptions, load, resolve};
+use inferd_engine::{EngineConfig, EngineHandle};
+use inferd_exec::build_executor;
+use inferd_models::{load_text, resolve};
 use tracing_subscriber::EnvFilter;
 
 use crate::args::{Cli, Command, KeysCommand, LedgerDurability, ServeArgs};
@@ -203,7 +203,8 @@ fn init_tracing(format: &str) {
     }
 }
 
-/// Loads the model and starts the engine thread (blocking work).
+/// Loads the tokenizer here and starts the engine thread, which builds the
+/// backend `--device` names and loads the weights onto it (blocking work).
 fn start_engine(args: &ServeArgs) -> anyhow::Result<Serving> {
     // Fault injection for tests, debug builds only: a slow model load.
     #[cfg(debug_assertions)]
@@ -212,34 +213,25 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<Serving> {
     }
     let path = resolve(&args.model, &args.catalog, &args.models_dir)?;
     let started = Instant::now();
-    let loaded = load(
-        &path,
-        &LoadOptions { format: args.cpu_weights, max_positions: args.max_model_len, ..Default::default() },
-    )
-    .with_context(|| format!("loading {}", path.display()))?;
-    let cfg = loaded.model.config().clone();
-    let max_model_len = args.max_model_len.unwrap_or(cfg.max_position_embeddings);
-    let exec = CpuExecutor::new(
-        loaded.model,
-        CpuExecutorConfig {
-            block_size: args.block_size,
-            kv_cache_memory: args.kv_cache_memory,
-            kv_dtype: args.kv_cache_dtype,
-            max_model_len,
-        },
-    )?;
-    let caps = exec.capabilities();
+    let (tokenizer, chat_template) =
+        load_text(&path).with_context(|| format!("loading {}", path.display()))?;
     let engine_cfg = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
-        max_model_len: caps.max_model_len,
+        // The backend bounds it by the model's context and --max-model-len.
+        max_model_len: usize::MAX,
         enable_prefix_caching: !args.no_prefix_caching,
     };
-    let mut core = EngineCore::new(exec, &engine_cfg, loaded.tokenizer.eos_token_ids.clone())?;
-    warm_up(&mut core)?;
-    let (engine, _join) = EngineHandle::spawn(core);
+    let exec_cfg = args.executor_config(path.clone());
+    let (engine, _join) =
+        EngineHandle::start(move || build_executor(&exec_cfg), engine_cfg, tokenizer.eos_token_ids.clone())
+            .with_context(|| format!("starting the {} backend with {}", args.device, path.display()))?;
+    let caps = engine.capabilities().clone();
     tracing::info!(
         model = %path.display(),
+        device = %caps.device,
+        dtype = %caps.compute_dtype,
+        kv_dtype = %caps.kv_dtype,
         format = ?args.cpu_weights,
         kv_blocks = caps.num_blocks,
         max_model_len = caps.max_model_len,
@@ -251,31 +243,27 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<Serving> {
         model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()).into(),
         max_model_len: caps.max_model_len,
         vocab_size: caps.vocab_size,
-        kv_capacity_tokens: caps.num_blocks * caps.block_size,
+        kv_capacity_tokens: caps.kv_capacity_tokens(),
         open_choices: Default::default(),
-        tokenizer: Arc::new(loaded.tokenizer),
-        chat_template: loaded.chat_template,
+        tokenizer: Arc::new(tokenizer),
+        chat_template,
     })
 }
 
-/// Runs one short request through the whole engine before serving, so the
-/// first client does not pay for thread-pool start-up and first-touch page
-/// faults (about 0.7 s on our 2-core machine).
-fn warm_up<E: ModelExecutor>(core: &mut EngineCore<E>) -> anyhow::Result<()> {
-    let params = inferd_core::SamplingParams { temperature: 0.0, max_tokens: 2, ..Default::default() };
-    core.add(inferd_sched::SequenceRequest {
-        id: inferd_core::RequestId(0),
-        prompt: (1..=32).collect(),
-        params: Arc::new(params),
-        priority: 0,
-        arrival: Instant::now(),
-    })?;
-    core.run_to_completion()?;
+/// Refuses a backend this build lacks before anything starts.
+fn check_device(args: &ServeArgs) -> anyhow::Result<()> {
+    inferd_exec::check_backend(args.device)?;
+    if args.device == inferd_contract::DeviceSpec::Cpu && args.gpu_memory_utilization.is_some() {
+        tracing::warn!(
+            "--gpu-memory-utilization applies to device backends; the CPU sizes its KV cache from --kv-cache-memory"
+        );
+    }
     Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(&args.log_format);
+    check_device(&args)?;
     // Listen first, so health checks get answers while the model loads.
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await

@@ -478,8 +478,17 @@ async fn metrics_text(State(st): State<SharedState>) -> Response {
 async fn stats(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
     let serving = st.serving()?;
     let s = serving.engine.stats();
+    let caps = serving.engine.capabilities();
     let r = std::sync::atomic::Ordering::Relaxed;
     Ok(Json(json!({
+        "backend": {
+            "device": caps.device.to_string(),
+            "compute_dtype": caps.compute_dtype.as_str(),
+            "kv_cache_dtype": caps.kv_dtype.as_str(),
+            "block_size": caps.block_size,
+            "samples_on_device": caps.samples_on_device,
+            "shape_buckets": caps.shape_buckets,
+        },
         "num_requests_running": s.num_running.load(r),
         "num_requests_waiting": s.num_waiting.load(r),
         "kv_blocks_total": s.kv_blocks_total.load(r),

@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::kv_cache::{KvElem, LayerKv};
-use crate::ModelInput;
+use inferd_contract::ModelInput;
 
 /// Largest supported block size (the per-block score buffer lives on the stack).
 pub const MAX_BLOCK_SIZE: usize = 128;

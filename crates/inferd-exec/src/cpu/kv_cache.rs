@@ -1,37 +1,9 @@
 //! The CPU KV cache: per layer, K and V of shape
-//! `[num_blocks, block_size, kv_heads, head_dim]`, in f32 or f16.
+//! `[num_blocks, block_size, kv_heads, head_dim]`, in f32 (fastest on the
+//! CPU), or f16 or bf16 (half the memory, converted on every read).
 
-use half::f16;
-
-/// Element type of the KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum KvDtype {
-    /// Full precision; fastest on CPU.
-    #[default]
-    F32,
-    /// Half the memory, converted on every read.
-    F16,
-}
-
-impl KvDtype {
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            KvDtype::F32 => 4,
-            KvDtype::F16 => 2,
-        }
-    }
-}
-
-impl std::str::FromStr for KvDtype {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" => Ok(KvDtype::F32),
-            "f16" | "float16" | "half" => Ok(KvDtype::F16),
-            other => Err(format!("unknown KV cache dtype {other:?} (expected f32 or f16)")),
-        }
-    }
-}
+use half::{bf16, f16};
+use inferd_contract::DType;
 
 /// A KV cache element.
 pub(crate) trait KvElem: Copy + Default + Send + Sync + 'static {
@@ -58,6 +30,17 @@ impl KvElem for f16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+}
+
+impl KvElem for bf16 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
     }
 }
 
@@ -93,13 +76,18 @@ impl<T: KvElem> LayerKv<T> {
 pub(crate) enum KvCache {
     F32(Vec<LayerKv<f32>>),
     F16(Vec<LayerKv<f16>>),
+    BF16(Vec<LayerKv<bf16>>),
 }
 
 impl KvCache {
-    pub(crate) fn new(dtype: KvDtype, layers: usize, elems_per_layer: usize) -> Self {
+    pub(crate) fn new(dtype: DType, layers: usize, elems_per_layer: usize) -> Self {
+        fn layers_of<T: KvElem>(layers: usize, elems: usize) -> Vec<LayerKv<T>> {
+            (0..layers).map(|_| LayerKv::new(elems)).collect()
+        }
         match dtype {
-            KvDtype::F32 => KvCache::F32((0..layers).map(|_| LayerKv::new(elems_per_layer)).collect()),
-            KvDtype::F16 => KvCache::F16((0..layers).map(|_| LayerKv::new(elems_per_layer)).collect()),
+            DType::F32 => KvCache::F32(layers_of(layers, elems_per_layer)),
+            DType::F16 => KvCache::F16(layers_of(layers, elems_per_layer)),
+            DType::BF16 => KvCache::BF16(layers_of(layers, elems_per_layer)),
         }
     }
 }
@@ -110,7 +98,7 @@ pub fn block_bytes(
     block_size: usize,
     kv_heads: usize,
     head_dim: usize,
-    dtype: KvDtype,
+    dtype: DType,
 ) -> usize {
     layers * 2 * block_size * kv_heads * head_dim * dtype.size_in_bytes()
 }

@@ -1,0 +1,169 @@
+//! Building the backend `--device` names. The engine thread calls
+//! [`build_executor`], so a device context is created on the thread that
+//! uses it; each backend is one match arm here, compiled in by its cargo
+//! feature.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use inferd_contract::{DType, DeviceSpec, ExecError, ModelExecutor};
+use inferd_models::{LoadOptions, WeightFormat, load_weights};
+
+use crate::candle_dtype;
+use crate::cpu::{CPU_DTYPES, CpuExecutor, CpuExecutorConfig};
+
+/// Everything needed to build a backend, as the command line gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecutorConfig {
+    pub device: DeviceSpec,
+    /// A GGUF file or a Hugging Face folder.
+    pub model_path: PathBuf,
+    pub weight_format: WeightFormat,
+    /// The compute dtype; `None` takes the backend's default (f32 on the
+    /// CPU, bf16 on devices).
+    pub dtype: Option<DType>,
+    /// The KV cache's dtype; `None` follows the compute dtype.
+    pub kv_dtype: Option<DType>,
+    pub block_size: usize,
+    /// Bytes of host memory for the KV cache (CPU).
+    pub kv_cache_memory: usize,
+    /// Fraction of device memory the backend may fill, weights included;
+    /// the KV cache takes what the weights leave (CUDA, Neuron).
+    pub gpu_memory_utilization: f64,
+    /// Longest sequence served; `None` takes the model's own context.
+    pub max_model_len: Option<usize>,
+}
+
+/// The compute dtype a backend runs unless told otherwise.
+pub fn default_dtype(device: DeviceSpec) -> DType {
+    match device {
+        DeviceSpec::Cpu => DType::F32,
+        DeviceSpec::Cuda(_) | DeviceSpec::Neuron => DType::BF16,
+    }
+}
+
+/// Fails unless this build can run `device` (checked at start, before the
+/// model loads, so a wrong build says so at once).
+pub fn check_backend(device: DeviceSpec) -> Result<(), ExecError> {
+    match device {
+        DeviceSpec::Cpu => Ok(()),
+        DeviceSpec::Cuda(n) => cuda_available(n),
+        DeviceSpec::Neuron => neuron_available(),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_available(n: usize) -> Result<(), ExecError> {
+    Err(ExecError::Unavailable(format!(
+        "--device cuda:{n}: this inferd was built without the CUDA backend; build it with the `cuda` cargo feature (`cargo build --release -p inferd-server --features cuda`, see README)"
+    )))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_available(n: usize) -> Result<(), ExecError> {
+    Err(ExecError::Unavailable(format!(
+        "--device cuda:{n}: this build has the `cuda` feature, but this version of inferd has no CUDA executor yet"
+    )))
+}
+
+#[cfg(not(feature = "neuron"))]
+fn neuron_available() -> Result<(), ExecError> {
+    Err(ExecError::Unavailable(
+        "--device neuron: this inferd was built without the Neuron backend; build it with the `neuron` cargo feature (`cargo build --release -p inferd-server --features neuron`, see README)".into(),
+    ))
+}
+
+#[cfg(feature = "neuron")]
+fn neuron_available() -> Result<(), ExecError> {
+    Err(ExecError::Unavailable(
+        "--device neuron: this build has the `neuron` feature, but this version of inferd has no Neuron executor yet".into(),
+    ))
+}
+
+/// The compute dtype for `cfg`, refused unless the backend runs it.
+fn pick_dtype(cfg: &ExecutorConfig, supported: &[DType]) -> Result<DType, ExecError> {
+    let dtype = cfg.dtype.unwrap_or(default_dtype(cfg.device));
+    if !supported.contains(&dtype) {
+        let names: Vec<&str> = supported.iter().map(|d| d.as_str()).collect();
+        return Err(ExecError::Config(format!(
+            "--device {} does not compute in {dtype} (supported: {})",
+            cfg.device,
+            names.join(", ")
+        )));
+    }
+    Ok(dtype)
+}
+
+/// Loads the model onto `cfg.device` and builds its executor.
+pub fn build_executor(cfg: &ExecutorConfig) -> Result<Box<dyn ModelExecutor>, ExecError> {
+    check_backend(cfg.device)?;
+    match cfg.device {
+        DeviceSpec::Cpu => Ok(Box::new(build_cpu(cfg)?)),
+        // Added by the CUDA and Neuron backends; check_backend refused above.
+        DeviceSpec::Cuda(_) | DeviceSpec::Neuron => {
+            Err(ExecError::Unavailable(format!("no executor for {}", cfg.device)))
+        }
+    }
+}
+
+fn build_cpu(cfg: &ExecutorConfig) -> Result<CpuExecutor, ExecError> {
+    let dtype = pick_dtype(cfg, &CPU_DTYPES)?;
+    let opts = LoadOptions {
+        format: cfg.weight_format,
+        dtype: candle_dtype(dtype),
+        max_positions: cfg.max_model_len,
+        device: Device::Cpu,
+    };
+    let model = load_weights(&cfg.model_path, &opts)
+        .map_err(|e| ExecError::Load(format!("{}: {e}", cfg.model_path.display())))?;
+    let max_model_len = cfg.max_model_len.unwrap_or(model.config().max_position_embeddings);
+    CpuExecutor::new(
+        model,
+        CpuExecutorConfig {
+            block_size: cfg.block_size,
+            kv_cache_memory: cfg.kv_cache_memory,
+            kv_dtype: cfg.kv_dtype.unwrap_or(dtype),
+            max_model_len,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(device: DeviceSpec, dtype: Option<DType>) -> ExecutorConfig {
+        ExecutorConfig {
+            device,
+            model_path: "no-such-model.gguf".into(),
+            weight_format: WeightFormat::Native,
+            dtype,
+            kv_dtype: None,
+            block_size: 16,
+            kv_cache_memory: 1 << 20,
+            gpu_memory_utilization: 0.9,
+            max_model_len: None,
+        }
+    }
+
+    #[test]
+    fn devices_this_build_lacks_are_refused_naming_the_feature() {
+        assert_eq!(check_backend(DeviceSpec::Cpu), Ok(()));
+        let cuda = check_backend(DeviceSpec::Cuda(1)).unwrap_err().to_string();
+        assert!(cuda.contains("cuda:1") && cuda.contains("`cuda`"), "{cuda}");
+        let neuron = check_backend(DeviceSpec::Neuron).unwrap_err().to_string();
+        assert!(neuron.contains("`neuron`"), "{neuron}");
+        let built = build_executor(&config(DeviceSpec::Neuron, None)).map(|_| ()).unwrap_err();
+        assert!(matches!(built, ExecError::Unavailable(_)), "the factory refuses before loading anything");
+    }
+
+    #[test]
+    fn dtypes_default_per_backend_and_are_checked() {
+        assert_eq!(pick_dtype(&config(DeviceSpec::Cpu, None), &CPU_DTYPES), Ok(DType::F32));
+        assert_eq!(default_dtype(DeviceSpec::Cuda(0)), DType::BF16);
+        let err = pick_dtype(&config(DeviceSpec::Cuda(0), Some(DType::F16)), &[DType::BF16]).unwrap_err();
+        assert!(err.to_string().contains("supported: bf16"), "{err}");
+        let missing = build_executor(&config(DeviceSpec::Cpu, None)).map(|_| ()).unwrap_err();
+        assert!(matches!(missing, ExecError::Load(ref m) if m.contains("no-such-model.gguf")), "{missing}");
+    }
+}

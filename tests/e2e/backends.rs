@@ -1,0 +1,77 @@
+//! Choosing a backend: `--device`, `--dtype` and `--kv-cache-dtype`.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Server, temp_dir, workspace};
+
+/// Runs `inferd serve` with `flags`, expecting it to exit on its own; its
+/// exit status and what it wrote to stderr.
+fn serve_expecting_exit(flags: &[&str]) -> (std::process::ExitStatus, String) {
+    let ledger = temp_dir("backend").join("usage.db");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_inferd"))
+        .current_dir(workspace())
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--ledger"])
+        .arg(&ledger)
+        .args(flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("inferd starts");
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("inferd serve {flags:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr).expect("stderr");
+    (status, stderr)
+}
+
+#[test]
+fn backends_missing_from_the_build_are_refused_naming_their_feature() {
+    for (device, feature) in [("cuda", "`cuda`"), ("cuda:1", "`cuda`"), ("neuron", "`neuron`")] {
+        let (status, stderr) = serve_expecting_exit(&["--device", device]);
+        assert!(!status.success(), "--device {device} must not start");
+        assert!(stderr.contains(feature) && stderr.contains("--features"), "--device {device}: {stderr}");
+    }
+    let (status, stderr) = serve_expecting_exit(&["--device", "tpu"]);
+    assert!(!status.success());
+    assert!(stderr.contains("unknown device \"tpu\""), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_cpu_backend_computes_in_the_dtype_asked_for() {
+    let srv = Server::start(&["--dtype", "bf16"]);
+    let stats: Value = reqwest::get(srv.url("/stats")).await.unwrap().json().await.unwrap();
+    let backend = &stats["backend"];
+    assert_eq!(backend["device"], "cpu");
+    assert_eq!(backend["compute_dtype"], "bf16");
+    assert_eq!(backend["kv_cache_dtype"], "bf16", "the KV cache follows the compute dtype");
+    assert_eq!(backend["samples_on_device"], false);
+    let body = json!({
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 12, "temperature": 0
+    });
+    let resp = reqwest::Client::new().post(srv.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let out: Value = resp.json().await.unwrap();
+    let text = out["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(text.contains("Paris"), "bf16 compute answers sensibly: {text:?}");
+    drop(srv);
+    // The default: f32 compute and KV on the CPU; the KV dtype can differ.
+    let srv = Server::start(&["--kv-cache-dtype", "f16"]);
+    let stats: Value = reqwest::get(srv.url("/stats")).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (stats["backend"]["compute_dtype"].as_str(), stats["backend"]["kv_cache_dtype"].as_str()),
+        (Some("f32"), Some("f16"))
+    );
+}
