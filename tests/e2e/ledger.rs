@@ -43,25 +43,30 @@ async fn records_of_completed_requests_survive_kill_9() {
     let ledger = dir.join("usage.db");
     let mut srv = Server::start(&["--ledger", ledger.to_str().unwrap()]);
     let completed = Arc::new(Mutex::new(Vec::<String>::new()));
-    let started = Instant::now();
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workers: Vec<_> = (0..8)
         .map(|w| {
             let base = srv.base.clone();
-            let completed = completed.clone();
+            let (completed, killed) = (completed.clone(), killed.clone());
             tokio::spawn(async move {
                 for i in 0.. {
                     let id = format!("k9-{w}-{i}");
                     if one_request(&base, &id, (w + i) % 2 == 0, 2 + (i % 7) as u32).await {
                         completed.lock().unwrap().push(id);
-                    } else if started.elapsed() > Duration::from_secs(3) {
+                    } else if killed.load(std::sync::atomic::Ordering::SeqCst) {
                         return; // the server is gone
                     }
                 }
             })
         })
         .collect();
-    // Kill it mid-load, with requests in flight.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Kill it mid-load, with requests in flight, once enough have completed
+    // (waiting on state, not on time: a loaded machine is only slower).
+    let until = Instant::now() + Duration::from_secs(120);
+    while completed.lock().unwrap().len() < 12 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
     srv.signal(libc::SIGKILL);
     assert!(srv.wait_exit(Duration::from_secs(10)).is_some(), "killed");
     for w in workers {
