@@ -6,7 +6,7 @@ CARGO ?= cargo
 # build in target/ is never overwritten by a native one.
 NATIVE_TARGET_DIR ?= target/native
 
-.PHONY: test fmt-check clippy unit bench fmt model venv serve build
+.PHONY: test fmt-check clippy unit bench fmt model venv serve build cuda-toolkit cuda-check gpu-bundle
 
 PYTHON ?= python3
 MODEL ?= smollm2-135m-instruct
@@ -27,8 +27,9 @@ serve: model build
 build:
 	$(CARGO) build --release --locked -p inferd-server
 
-## test: everything CI runs (format check, clippy with warnings denied, all tests)
-test: model venv fmt-check clippy unit
+## test: everything CI runs (format check, clippy with warnings denied, all
+## tests, and the CUDA code compiled and type-checked without a GPU)
+test: model venv fmt-check clippy unit cuda-check
 
 ## venv: a Python virtual environment with the pinned openai package
 venv: $(VENV)/.openai-$(OPENAI_VERSION)
@@ -61,3 +62,39 @@ bench:
 ## fmt: format the whole workspace
 fmt:
 	$(CARGO) fmt --all
+
+# CUDA 13.0 from PyPI (see shared facts: the driver JIT-compiles PTX only
+# from an nvcc no newer than itself; driver 580 = CUDA 13.0).
+CUDA_WHEELS := nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
+	nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+CUDA_DIR := .cuda
+CUDA_HOME := $(abspath $(CUDA_DIR)/pip/nvidia/cu13)
+# 90: H100/H200 (p5); 86: A10G, L4, L40S (g5, g6, g6e).
+CUDA_COMPUTE_CAP ?= 90
+CUDA_TARGET_DIR ?= target/cuda
+CUDA_ENV := CUDA_HOME=$(CUDA_HOME) PATH="$(CUDA_HOME)/bin:$$PATH" CUDARC_CUDA_VERSION=13000 \
+	CUDAFORGE_THREADS=2 CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP)
+CUDA_FEATURES := inferd-exec/cuda,inferd-benches/cuda,inferd-server/cuda
+
+## cuda-toolkit: nvcc 13.0 from PyPI into .cuda/, and link stubs of the driver libraries
+cuda-toolkit: $(CUDA_DIR)/.toolkit-13.0
+
+$(CUDA_DIR)/.toolkit-13.0: scripts/cuda-stubs.py
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(CUDA_DIR)/pip $(CUDA_WHEELS)
+	$(CARGO) fetch --locked
+	$(PYTHON) scripts/cuda-stubs.py $(CUDA_HOME)
+	@touch $@
+
+## cuda-check: nvcc on kernels/ (warnings as errors) and clippy on every crate's cuda feature
+cuda-check: cuda-toolkit
+	$(CUDA_ENV) $(CARGO) clippy --locked --target-dir $(CUDA_TARGET_DIR) -p inferd-kernels -p inferd-exec \
+		-p inferd-benches -p inferd-server --features $(CUDA_FEATURES) --all-targets -- -D warnings
+
+## gpu-bundle: the GPU check for CUDA_COMPUTE_CAP, stripped and compressed into dist/gpu/
+gpu-bundle: cuda-toolkit
+	$(CUDA_ENV) INFERD_CUDA_ARCHS=$(CUDA_COMPUTE_CAP) $(CARGO) build --release --locked \
+		--target-dir $(CUDA_TARGET_DIR) -p inferd-benches --features cuda --bin inferd-gpu-check
+	mkdir -p dist/gpu
+	strip -o dist/gpu/inferd-gpu-check $(CUDA_TARGET_DIR)/release/inferd-gpu-check
+	xz -9 -f dist/gpu/inferd-gpu-check
+	@ls -l dist/gpu

@@ -75,3 +75,39 @@ async fn the_cpu_backend_computes_in_the_dtype_asked_for() {
         (Some("f32"), Some("f16"))
     );
 }
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    cmd.output().expect("command runs")
+}
+
+#[test]
+fn the_cuda_launcher_explains_a_missing_driver() {
+    let dir = temp_dir("launcher");
+    let launcher = workspace().join("scripts/inferd-cuda");
+    let has_driver =
+        String::from_utf8_lossy(&run(Command::new("ldconfig").arg("-p")).stdout).contains("libcuda.so.1");
+    // A program linked against a library with the driver's SONAME, which is
+    // then taken away: what a CUDA build of inferd meets on a host without
+    // the NVIDIA driver.
+    std::fs::write(dir.join("stub.c"), "void cuInit(void) {}\n").unwrap();
+    std::fs::write(dir.join("main.c"), "void cuInit(void);\nint main(void) { cuInit(); return 0; }\n")
+        .unwrap();
+    let gcc = |args: &[&str]| {
+        assert!(run(Command::new("gcc").current_dir(&dir).args(args)).status.success(), "gcc {args:?}")
+    };
+    gcc(&["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", "libcuda.so", "stub.c"]);
+    gcc(&["-o", "fake-inferd", "main.c", "-L.", "-lcuda"]);
+    std::fs::remove_file(dir.join("libcuda.so")).unwrap();
+    let out = run(Command::new(&launcher).arg("serve").env("INFERD_CUDA_BIN", dir.join("fake-inferd")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if has_driver {
+        assert!(out.status.success(), "with a driver the launcher runs the binary: {stderr}");
+    } else {
+        assert_eq!(out.status.code(), Some(127), "{stderr}");
+        assert!(stderr.contains("libcuda.so.1") && stderr.contains("NVIDIA driver"), "{stderr}");
+    }
+    // A binary whose libraries are all there is run with its arguments.
+    let out = run(Command::new(&launcher).args(["serve", "--port", "0"]).env("INFERD_CUDA_BIN", "/bin/echo"));
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "serve --port 0");
+}

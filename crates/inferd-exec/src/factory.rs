@@ -18,7 +18,12 @@ pub struct ExecutorConfig {
     pub device: DeviceSpec,
     /// A GGUF file or a Hugging Face folder.
     pub model_path: PathBuf,
+    /// Weight format on the CPU (`--cpu-weights`).
     pub weight_format: WeightFormat,
+    /// Weight format on a GPU (`--gpu-weights`): `native` keeps GGUF
+    /// quantizations for candle's quantized CUDA kernels, `dense` takes the
+    /// compute dtype for cuBLAS.
+    pub gpu_weight_format: WeightFormat,
     /// The compute dtype; `None` takes the backend's default (f32 on the
     /// CPU, bf16 on devices).
     pub dtype: Option<DType>,
@@ -60,10 +65,9 @@ fn cuda_available(n: usize) -> Result<(), ExecError> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_available(n: usize) -> Result<(), ExecError> {
-    Err(ExecError::Unavailable(format!(
-        "--device cuda:{n}: this build has the `cuda` feature, but this version of inferd has no CUDA executor yet"
-    )))
+fn cuda_available(_: usize) -> Result<(), ExecError> {
+    // Whether the GPU is there is known when the executor is built.
+    Ok(())
 }
 
 #[cfg(not(feature = "neuron"))]
@@ -137,6 +141,7 @@ mod tests {
             device,
             model_path: "no-such-model.gguf".into(),
             weight_format: WeightFormat::Native,
+            gpu_weight_format: WeightFormat::Native,
             dtype,
             kv_dtype: None,
             block_size: 16,
@@ -149,8 +154,13 @@ mod tests {
     #[test]
     fn devices_this_build_lacks_are_refused_naming_the_feature() {
         assert_eq!(check_backend(DeviceSpec::Cpu), Ok(()));
-        let cuda = check_backend(DeviceSpec::Cuda(1)).unwrap_err().to_string();
-        assert!(cuda.contains("cuda:1") && cuda.contains("`cuda`"), "{cuda}");
+        let cuda = check_backend(DeviceSpec::Cuda(1));
+        if cfg!(feature = "cuda") {
+            assert_eq!(cuda, Ok(()), "a cuda build finds out about the GPU when it builds the executor");
+        } else {
+            let cuda = cuda.unwrap_err().to_string();
+            assert!(cuda.contains("cuda:1") && cuda.contains("`cuda`"), "{cuda}");
+        }
         let neuron = check_backend(DeviceSpec::Neuron).unwrap_err().to_string();
         assert!(neuron.contains("`neuron`"), "{neuron}");
         let built = build_executor(&config(DeviceSpec::Neuron, None)).map(|_| ()).unwrap_err();

@@ -14,7 +14,6 @@
 //! - tests inject failures and delays through [`FakeControl`] while the
 //!   engine runs.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +23,8 @@ use inferd_contract::{
     SampledToken, ShapeBuckets,
 };
 use inferd_core::{Logprob, RequestId, SamplingParams, TokenId, TokenLogprobs};
+
+use crate::LiveSeqs;
 
 /// Tokens below this id are never produced (room for EOS and friends).
 pub const FAKE_FIRST_TOKEN: TokenId = 16;
@@ -105,9 +106,7 @@ pub struct FakeExecutor {
     caps: Capabilities,
     /// (token, position) written to each slot.
     slots: Vec<Option<(TokenId, u32)>>,
-    /// Started and not finished, with their sampling parameters.
-    live: HashMap<RequestId, Arc<SamplingParams>>,
-    ended: HashSet<RequestId>,
+    live: LiveSeqs,
     control: Arc<FakeControl>,
     log: Arc<Mutex<FakeLog>>,
 }
@@ -130,8 +129,7 @@ impl FakeExecutor {
         FakeExecutor {
             slots: vec![None; num_blocks * block_size],
             caps,
-            live: HashMap::new(),
-            ended: HashSet::new(),
+            live: LiveSeqs::default(),
             control: Arc::default(),
             log: Arc::default(),
         }
@@ -160,29 +158,6 @@ impl FakeExecutor {
     fn violation(&self, what: String) -> ExecError {
         lock(&self.log).violations.push(what.clone());
         ExecError::Input(what)
-    }
-
-    /// Applies the lifecycle events and checks every batch member is live.
-    fn track_lifecycle(&mut self, input: &ModelInput) -> Result<(), ExecError> {
-        for id in &input.finished {
-            self.live.remove(id);
-            self.ended.insert(*id);
-        }
-        if let Some(id) = input.preempted.iter().find(|id| !self.live.contains_key(id)) {
-            return Err(self.violation(format!("{id} preempted but not live")));
-        }
-        for s in &input.started {
-            if self.live.contains_key(&s.id) || self.ended.contains(&s.id) {
-                return Err(self.violation(format!("{} started twice", s.id)));
-            }
-            self.live.insert(s.id, s.params.clone());
-        }
-        for id in &input.seq_ids {
-            if !self.live.contains_key(id) {
-                return Err(self.violation(format!("{id} is in a batch but not live")));
-            }
-        }
-        Ok(())
     }
 
     /// Reads sequence `s`'s context back through its block table.
@@ -264,7 +239,9 @@ impl ModelExecutor for FakeExecutor {
                 other => return Err(self.violation(format!("step shape {other:?} is not a compiled bucket"))),
             }
         }
-        self.track_lifecycle(input)?;
+        if let Err(e) = self.live.apply(input) {
+            return Err(self.violation(e));
+        }
         if fail {
             return Err(ExecError::Backend("injected failure".into()));
         }
@@ -274,7 +251,7 @@ impl ModelExecutor for FakeExecutor {
         let mut next = Vec::with_capacity(input.logits_rows.len());
         for s in 0..input.num_seqs() {
             let context = self.read_context(input, s).map_err(|e| self.violation(e))?;
-            let params = self.live[&input.seq_ids[s]].clone();
+            let params = self.live.params(input.seq_ids[s]).expect("checked live above").clone();
             let last_row = input.query_range(s).end as u32 - 1;
             if input.logits_rows.binary_search(&last_row).is_ok() {
                 next.push((fake_next_token(&context, self.caps.vocab_size), params));

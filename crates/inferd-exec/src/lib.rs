@@ -5,8 +5,11 @@
 //! backends that return them.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod factory;
 pub mod fake;
+mod live;
 pub mod sampler;
 
 use inferd_contract::{DType, ExecError};
@@ -14,6 +17,7 @@ use inferd_contract::{DType, ExecError};
 pub use cpu::{CpuExecutor, CpuExecutorConfig};
 pub use factory::{ExecutorConfig, build_executor, check_backend};
 pub use fake::{FakeControl, FakeExecutor, FakeLog};
+pub use live::{LiveSeqs, greedy_on_device};
 
 /// candle's dtype for a contract dtype.
 pub fn candle_dtype(d: DType) -> candle_core::DType {

@@ -36,6 +36,9 @@ impl FromStr for WeightFormat {
 }
 
 /// A weight matrix as read from a file, before the compute format is applied.
+// A few hundred of these exist briefly while a model loads; boxing the large
+// variant (candle's QTensor grows with the cuda feature) would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum RawWeight {
     Quantized(QTensor),
@@ -56,6 +59,17 @@ impl RawWeight {
         match self {
             RawWeight::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype),
             RawWeight::Dense(t) => t.to_dtype(dtype),
+        }
+    }
+
+    /// The matrix on `device`, in the same format.
+    pub fn to_device(self, device: &Device) -> Result<RawWeight> {
+        match self {
+            RawWeight::Dense(t) => Ok(RawWeight::Dense(t.to_device(device)?)),
+            RawWeight::Quantized(q) => {
+                let storage = QStorage::from_data(Cow::Owned(q.data()?.into_owned()), device, q.dtype())?;
+                Ok(RawWeight::Quantized(QTensor::new(storage, q.shape())?))
+            }
         }
     }
 

@@ -49,6 +49,40 @@ pub struct ModelWeights {
     pub rope_freq_factors: Option<Vec<f32>>,
 }
 
+impl ModelWeights {
+    /// The same weights on `device` (dense ones as they are, quantized ones
+    /// re-uploaded in their quantization).
+    pub fn to_device(self, device: &Device) -> Result<Self> {
+        let mv = |w: RawWeight| w.to_device(device);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in self.layers {
+            let qkv_bias = match l.qkv_bias {
+                Some([q, k, v]) => Some([q.to_device(device)?, k.to_device(device)?, v.to_device(device)?]),
+                None => None,
+            };
+            layers.push(LayerWeights {
+                attn_norm: l.attn_norm.to_device(device)?,
+                q: mv(l.q)?,
+                k: mv(l.k)?,
+                v: mv(l.v)?,
+                qkv_bias,
+                o: mv(l.o)?,
+                ffn_norm: l.ffn_norm.to_device(device)?,
+                gate: mv(l.gate)?,
+                up: mv(l.up)?,
+                down: mv(l.down)?,
+            });
+        }
+        Ok(ModelWeights {
+            embed: mv(self.embed)?,
+            layers,
+            norm: self.norm.to_device(device)?,
+            lm_head: self.lm_head.map(mv).transpose()?,
+            rope_freq_factors: self.rope_freq_factors,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     attn_norm: Tensor,
@@ -191,5 +225,46 @@ fn embedding_table(w: RawWeight, format: WeightFormat, dtype: DType) -> Result<Q
     match (format, w) {
         (WeightFormat::Dense, w) => Ok(QMatMul::Tensor(w.to_dtype(dtype)?)),
         (_, w) => w.into_matmul(format, dtype),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{random_weights, random_weights_on, reference_logits, tiny_config};
+
+    #[test]
+    fn weights_moved_to_a_device_compute_the_same() -> Result<()> {
+        let cfg = tiny_config();
+        let tokens: Vec<u32> = (0..9).map(|i| (i * 31 + 7) % 128).collect();
+        let build =
+            |w: ModelWeights| Llama::new(cfg.clone(), w, WeightFormat::Native, DType::F32, 64, &Device::Cpu);
+        let want = reference_logits(&build(random_weights(&cfg, 5)?)?, &tokens)?;
+        let mut weights = random_weights(&cfg, 5)?;
+        // A quantized matrix travels in its quantization.
+        let up = weights.layers[0].up.to_dtype(DType::F32)?;
+        weights.layers[0].up = RawWeight::Quantized(candle_core::quantized::QTensor::quantize(
+            &up,
+            candle_core::quantized::GgmlDType::Q8_0,
+        )?);
+        let moved = weights.to_device(&Device::Cpu)?;
+        assert!(matches!(moved.layers[0].up, RawWeight::Quantized(_)));
+        let got = reference_logits(&build(moved)?, &tokens)?;
+        let diff =
+            got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 0.05, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn random_weights_on_a_device_make_a_working_model() -> Result<()> {
+        let cfg = tiny_config();
+        let w = random_weights_on(&cfg, &Device::Cpu, DType::BF16)?;
+        let RawWeight::Dense(q) = &w.layers[1].q else { panic!("dense") };
+        assert_eq!((q.dims2()?, q.dtype()), ((cfg.num_heads * cfg.head_dim, cfg.hidden_size), DType::BF16));
+        let model = Llama::new(cfg.clone(), w, WeightFormat::Dense, DType::BF16, 64, &Device::Cpu)?;
+        let logits = reference_logits(&model, &[1, 2, 3])?;
+        assert!(logits.iter().flatten().all(|x| x.is_finite()));
+        Ok(())
     }
 }

@@ -107,6 +107,40 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<ModelWeights> {
     })
 }
 
+/// Random weights for `cfg` made on `device` in `dtype` (normal, scaled by
+/// fan-in), for benchmarks of large shapes: nothing is generated on the
+/// host or copied.
+pub fn random_weights_on(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<ModelWeights> {
+    let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let randn = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, device)?.to_dtype(dtype);
+    let dense = |shape: &[usize], std: f32| randn(shape, std).map(RawWeight::Dense);
+    let ones = |n: usize| Tensor::ones(n, dtype, device);
+    let w = 1.0 / (h as f32).sqrt();
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for _ in 0..cfg.num_layers {
+        layers.push(LayerWeights {
+            attn_norm: ones(h)?,
+            q: dense(&[cfg.num_heads * d, h], w)?,
+            k: dense(&[cfg.num_kv_heads * d, h], w)?,
+            v: dense(&[cfg.num_kv_heads * d, h], w)?,
+            qkv_bias: None,
+            o: dense(&[h, cfg.num_heads * d], w)?,
+            ffn_norm: ones(h)?,
+            gate: dense(&[i, h], w)?,
+            up: dense(&[i, h], w)?,
+            down: dense(&[h, i], 1.0 / (i as f32).sqrt())?,
+        });
+    }
+    let lm_head = if cfg.tie_word_embeddings { None } else { Some(dense(&[cfg.vocab_size, h], w)?) };
+    Ok(ModelWeights {
+        embed: dense(&[cfg.vocab_size, h], 1.0)?,
+        layers,
+        norm: ones(h)?,
+        lm_head,
+        rope_freq_factors: None,
+    })
+}
+
 /// Attention over one sequence held contiguously, with candle ops and an
 /// explicit causal mask: the plain reference the paged kernels are checked
 /// against. Keys and values accumulate across calls, so it also decodes.

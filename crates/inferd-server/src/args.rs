@@ -125,6 +125,10 @@ pub struct ServeArgs {
     /// compute dtype; `f32` is accepted for it).
     #[arg(long, env = "INFERD_CPU_WEIGHTS", default_value = "q8_0")]
     pub cpu_weights: WeightFormat,
+    /// Weight format on a GPU: native (GGUF stays quantized for candle's
+    /// quantized CUDA kernels) or dense (the compute dtype, for cuBLAS).
+    #[arg(long, env = "INFERD_GPU_WEIGHTS", default_value = "native")]
+    pub gpu_weights: WeightFormat,
     /// Compute threads; defaults to the physical cores.
     #[arg(long, env = "INFERD_THREADS")]
     pub threads: Option<usize>,
@@ -204,6 +208,7 @@ impl ServeArgs {
             device: self.device,
             model_path,
             weight_format: self.cpu_weights,
+            gpu_weight_format: self.gpu_weights,
             dtype: self.dtype.0,
             kv_dtype: self.kv_cache_dtype.0,
             block_size: self.block_size,
