@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use inferd_contract::DType;
 use inferd_exec::cuda::{
-    CheckOutcome, ForcedKernel, check_attention_kernels, check_model, copy_bandwidth, decode_bench, gpu_facts,
+    CheckOutcome, ForcedKernel, check_attention_kernels, check_model, check_sampling, copy_bandwidth,
+    decode_bench, gpu_facts,
 };
 use inferd_models::LlamaConfig;
 
@@ -91,6 +92,12 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+
+    println!("\n== sampling on the GPU against its specified distribution (= the host sampler's)");
+    match check_sampling(ordinal) {
+        Ok(outcomes) => outcomes.iter().for_each(|o| tally.record(o)),
+        Err(e) => tally.error("sampling", e),
     }
 
     println!("\n== models: CPU executor (f32) against the CUDA executor");

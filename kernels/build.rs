@@ -7,8 +7,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SOURCES: [&str; 5] =
-    ["inferd_kernels.cu", "common.cuh", "cache_write.cuh", "attention_simple.cuh", "attention_tiled.cuh"];
+const SOURCES: [&str; 6] = [
+    "inferd_kernels.cu",
+    "common.cuh",
+    "cache_write.cuh",
+    "attention_simple.cuh",
+    "attention_tiled.cuh",
+    "sample.cuh",
+];
 
 fn nvcc(manifest: &Path) -> PathBuf {
     if let Some(p) = std::env::var_os("NVCC") {

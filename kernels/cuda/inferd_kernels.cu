@@ -4,11 +4,13 @@
 //   inferd_cache_write_<dt>
 //   inferd_attention_simple_<dt>_d<D>, inferd_attention_split_<dt>_d<D>,
 //   inferd_attention_merge_<dt>_d<D>, inferd_attention_tiled_<dt>_d<D> (f16, bf16)
+//   inferd_sample_rows (f32 logits)
 // with <dt> in f32, f16, bf16 and <D> in 64, 128.
 
 #include "attention_simple.cuh"
 #include "attention_tiled.cuh"
 #include "cache_write.cuh"
+#include "sample.cuh"
 
 using inferd::AttnArgs;
 typedef __half f16;
@@ -65,5 +67,11 @@ TILED(f16, 128, 2)
 TILED(bf16, 64, 4)
 TILED(bf16, 128, 2)
 
+extern "C" __global__ void __launch_bounds__(inferd::SAMPLE_THREADS)
+    inferd_sample_rows(const float* logits, uint32_t vocab, const inferd::RowSample* rows, uint32_t* out) {
+  inferd::sample_rows(logits, vocab, rows, out);
+}
+
+static_assert(sizeof(inferd::RowSample) == 32, "kernels/src/sample.rs assumes this layout");
 static_assert(inferd::tiled_smem_bytes<bf16, 64, 4>() == 34816, "kernels/src/plan.rs assumes this size");
 static_assert(inferd::tiled_smem_bytes<bf16, 128, 2>() == 35840, "kernels/src/plan.rs assumes this size");

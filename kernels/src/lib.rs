@@ -11,6 +11,7 @@
 mod merge;
 mod meta;
 mod plan;
+mod sample;
 
 pub use merge::{Partial, attend_segment, merge_partials};
 pub use meta::{StepMeta, query_tiles};
@@ -18,6 +19,7 @@ pub use plan::{
     AttentionPlan, AttnArgs, AttnShape, Launch, SPLIT_MIN_CONTEXT, SPLIT_SEGMENT, kernel_name,
     plan_attention, tiled_rows, tiled_smem_bytes, tiled_warps,
 };
+pub use sample::{MAX_TOP_K, RowSample, SAMPLE_KERNEL, SAMPLE_THREADS, kept_distribution};
 
 /// The kernels of `cuda/inferd_kernels.cu`, compiled for sm_80, sm_86,
 /// sm_89, sm_90 and PTX.

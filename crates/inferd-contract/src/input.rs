@@ -132,6 +132,20 @@ impl ModelInput {
         self.query_start[s] as usize..self.query_start[s + 1] as usize
     }
 
+    /// The sequence of each row of `logits_rows`, in order.
+    pub fn row_seqs(&self) -> Vec<usize> {
+        let mut seq = 0;
+        self.logits_rows
+            .iter()
+            .map(|&r| {
+                while self.query_start[seq + 1] <= r {
+                    seq += 1;
+                }
+                seq
+            })
+            .collect()
+    }
+
     /// Checks every invariant a backend relies on, so a bad input is an
     /// error rather than an out-of-bounds access on a device.
     pub fn validate(&self, block_size: usize, num_blocks: usize) -> Result<(), String> {
@@ -262,6 +276,10 @@ mod tests {
         assert_eq!(input.logits_rows, [4, 5]);
         assert_eq!((input.max_query_len, input.max_context_len), (5, 10));
         assert_eq!(input.validate(4, 8), Ok(()));
+        assert_eq!(input.row_seqs(), [0, 1]);
+        let mut all_rows = input.clone();
+        all_rows.logits_rows = (0..6).collect();
+        assert_eq!(all_rows.row_seqs(), [0, 0, 0, 0, 0, 1]);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use inferd_contract::{DType, ExecError};
 pub use cpu::{CpuExecutor, CpuExecutorConfig};
 pub use factory::{ExecutorConfig, build_executor, check_backend};
 pub use fake::{FakeControl, FakeExecutor, FakeLog};
-pub use live::{LiveSeqs, greedy_on_device};
+pub use live::{LiveSeqs, device_row};
 
 /// candle's dtype for a contract dtype.
 pub fn candle_dtype(d: DType) -> candle_core::DType {

@@ -9,12 +9,15 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream};
 use candle_core::{DType as CandleDType, Device, Tensor};
 use inferd_contract::{DType, ExecError, ModelExecutor, ModelInput, ModelOutput, StartedSeq};
 use inferd_core::{RequestId, SamplingParams};
-use inferd_kernels::{AttentionPlan, AttnShape, StepMeta, attend_segment, merge_partials, tiled_rows};
+use inferd_kernels::{
+    AttentionPlan, AttnShape, RowSample, StepMeta, attend_segment, kept_distribution, merge_partials,
+    tiled_rows,
+};
 use inferd_models::testing::random_weights;
 use inferd_models::{Llama, LlamaConfig, WeightFormat};
 
 use super::attention::{CudaAttention, LayerCache};
-use super::device::{Kernels, driver_err};
+use super::device::{Kernels, driver_err, sample_rows};
 use super::{CudaExecutor, CudaExecutorConfig, ForcedKernel};
 use crate::{CpuExecutor, CpuExecutorConfig, candle_dtype};
 
@@ -382,4 +385,60 @@ pub fn check_model(
             "largest logit error {worst:.2e} of {scale:.2}; same greedy token in {same_top} of {rows} rows"
         ),
     })
+}
+
+/// The sampling kernel against the distribution it is specified to draw
+/// from (`inferd_kernels::kept_distribution`, which equals the host
+/// sampler's): greedy with a tie, top-k, top-k with top-p, and the whole
+/// softmax, 8,192 draws each over a 32,000-token vocabulary. Every kept
+/// token's frequency must lie within 5 sigma of its probability (the error
+/// reported is the largest z), and no draw may fall outside the kept set.
+pub fn check_sampling(ordinal: usize) -> Result<Vec<CheckOutcome>, ExecError> {
+    let device = Device::new_cuda(ordinal).map_err(cerr)?;
+    let Device::Cuda(cuda) = &device else { unreachable!("made as CUDA") };
+    let stream = cuda.cuda_stream();
+    let kernels = Kernels::load(&stream, DType::F32, 64)?;
+    let vocab = 32_000usize;
+    let mut logits: Vec<f32> = noise(vocab, 7).iter().map(|x| x * 1.5 - 1.5).collect();
+    for (i, v) in [(7, 3.0), (8, 3.0), (100, 2.5), (31_999, 2.0), (500, 1.0)] {
+        logits[i] = v;
+    }
+    let cases: [(&str, f32, f32, u32); 4] = [
+        ("greedy (tie 7/8)", 1.0, 1.0, 1),
+        ("top-k 50, T 0.8", 0.8, 1.0, 50),
+        ("top-k 200, top-p 0.6", 1.0, 0.6, 200),
+        ("whole softmax, T 1.3", 1.3, 1.0, 0),
+    ];
+    let (batch, launches) = (512usize, 16u64);
+    let mut outcomes = Vec::new();
+    for (name, temperature, top_p, top_k) in cases {
+        let row = |counter: u64, seed: u64| RowSample { temperature, top_p, top_k, pad: 0, seed, counter };
+        let want = kept_distribution(&logits, &row(0, 0));
+        let table = Tensor::from_slice(&logits, (1, vocab), &device)
+            .and_then(|t| t.repeat((batch, 1)))
+            .map_err(cerr)?;
+        let mut counts = std::collections::HashMap::<u32, u64>::new();
+        for seed in 0..launches {
+            let rows: Vec<RowSample> = (0..batch as u64).map(|c| row(c, seed * 7919 + 13)).collect();
+            for id in sample_rows(&device, &stream, &kernels, &table, &rows)? {
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+        let n = (batch as u64 * launches) as f64;
+        let outside: u64 =
+            counts.iter().filter(|(id, _)| !want.iter().any(|w| w.0 == **id)).map(|(_, c)| c).sum();
+        let mut worst_z = 0f64;
+        for &(id, p) in want.iter().take(64) {
+            let freq = counts.get(&id).copied().unwrap_or(0) as f64 / n;
+            let sigma = (p * (1.0 - p) / n).sqrt().max(1e-4);
+            worst_z = worst_z.max((freq - p).abs() / sigma);
+        }
+        outcomes.push(CheckOutcome {
+            name: format!("sampling {name}"),
+            error: if outside > 0 { f32::INFINITY } else { worst_z as f32 },
+            tolerance: 5.0,
+            detail: format!("{} kept tokens, {} draws, {outside} outside the kept set", want.len(), n),
+        });
+    }
+    Ok(outcomes)
 }

@@ -8,9 +8,9 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
-use candle_core::{DType as CandleDType, Storage, Tensor};
+use candle_core::{DType as CandleDType, Device, Storage, Tensor};
 use inferd_contract::{DType, ExecError};
-use inferd_kernels::{AttnArgs, Launch, kernel_name};
+use inferd_kernels::{AttnArgs, Launch, RowSample, SAMPLE_THREADS, kernel_name};
 
 /// What the GPU is, for logs, /stats and the GPU check.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +50,8 @@ pub(crate) struct Kernels {
     pub merge: CudaFunction,
     /// Tensor cores; f16 and bf16 only.
     pub tiled: Option<CudaFunction>,
+    /// Sampling rows of f32 logits.
+    pub sample: CudaFunction,
 }
 
 impl Kernels {
@@ -68,6 +70,9 @@ impl Kernels {
             split: get("attention_split")?,
             merge: get("attention_merge")?,
             tiled: if dtype == DType::F32 { None } else { Some(get("attention_tiled")?) },
+            sample: module.load_function(inferd_kernels::SAMPLE_KERNEL).map_err(|e| {
+                ExecError::Unavailable(format!("kernel {}: {e}", inferd_kernels::SAMPLE_KERNEL))
+            })?,
         })
     }
 }
@@ -139,4 +144,30 @@ pub(crate) fn launch(
     // attention.rs), every address points into a live allocation of the
     // size the launch dimensions imply, checked by ModelInput::validate.
     unsafe { b.launch(cfg) }.map(|_| ()).map_err(driver_err)
+}
+
+/// Draws each row's token from `logits` (`(rows, vocab)`) on the GPU and
+/// copies the ids back: one block per row (kernels/cuda/sample.cuh).
+pub(crate) fn sample_rows(
+    device: &Device,
+    stream: &Arc<CudaStream>,
+    kernels: &Kernels,
+    logits: &Tensor,
+    rows: &[RowSample],
+) -> Result<Vec<u32>, ExecError> {
+    let cerr = |e: candle_core::Error| ExecError::Backend(e.to_string());
+    let words: Vec<u32> = rows.iter().flat_map(RowSample::to_words).collect();
+    let params = Tensor::from_slice(&words, words.len(), device).map_err(cerr)?;
+    let logits = logits.to_dtype(CandleDType::F32).and_then(|l| l.contiguous()).map_err(cerr)?;
+    let out = Tensor::zeros(rows.len(), CandleDType::U32, device).map_err(cerr)?;
+    let l = Launch { grid: (rows.len() as u32, 1, 1), block: (SAMPLE_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let vocab = logits.dim(1).map_err(cerr)? as u32;
+    let args = [
+        Arg::Ptr(addr(&logits, stream)?),
+        Arg::U32(vocab),
+        Arg::Ptr(addr(&params, stream)?),
+        Arg::Ptr(addr(&out, stream)?),
+    ];
+    launch(stream, &kernels.sample, l, &args)?;
+    out.to_vec1::<u32>().map_err(cerr)
 }

@@ -3,8 +3,9 @@
 //! weights); inferd's own kernels (kernels/) write each step's K/V into the
 //! paged cache and run paged attention over the mixed batch. The step's
 //! metadata goes up in one copy per step; logits are computed only for the
-//! rows that are sampled, and steps whose rows are all plain greedy pick
-//! their tokens on the GPU and copy ids instead of logits.
+//! rows that are sampled, and steps whose rows the GPU can sample exactly as
+//! the host would (greedy, temperature, top-k, top-p) draw their tokens there
+//! and copy ids instead of logits.
 
 mod attention;
 mod bench;
@@ -14,21 +15,21 @@ mod device;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::CudaStream;
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 use inferd_contract::{
     Capabilities, DType, DeviceSpec, ExecError, Logits, ModelExecutor, ModelInput, ModelOutput, SampledToken,
 };
-use inferd_kernels::{AttentionPlan, AttnShape, StepMeta, plan_attention, tiled_rows};
+use inferd_kernels::{AttentionPlan, AttnShape, RowSample, StepMeta, plan_attention, tiled_rows};
 use inferd_models::{BatchTokens, Llama};
 
 use attention::{CudaAttention, LayerCache};
 pub use bench::{BenchRow, copy_bandwidth, decode_bench};
-pub use check::{CheckOutcome, check_attention_kernels, check_model};
+pub use check::{CheckOutcome, check_attention_kernels, check_model, check_sampling};
 pub use device::GpuFacts;
-use device::{Kernels, driver_err};
+use device::{Kernels, driver_err, sample_rows};
 
 use crate::cpu::block_bytes;
-use crate::{LiveSeqs, contract_dtype, device_kv_budget, greedy_on_device, kv_blocks_in};
+use crate::{LiveSeqs, contract_dtype, device_kv_budget, device_row, kv_blocks_in};
 
 /// Compute dtypes the CUDA executor runs.
 pub const CUDA_DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
@@ -174,6 +175,12 @@ impl CudaExecutor {
         self.stream.synchronize().map_err(driver_err)
     }
 
+    /// Draws each row's token from `logits` (`(rows, vocab)` f32) on the
+    /// GPU (kernels/cuda/sample.cuh) and copies the ids back.
+    pub fn sample_on_device(&self, logits: &Tensor, rows: &[RowSample]) -> Result<Vec<u32>, ExecError> {
+        sample_rows(&self.device, &self.stream, &self.kernels, logits, rows)
+    }
+
     fn forward(&mut self, input: &ModelInput) -> Result<Tensor, ExecError> {
         let cerr = |e: candle_core::Error| ExecError::Backend(e.to_string());
         let s = self.shape;
@@ -244,14 +251,17 @@ impl ModelExecutor for CudaExecutor {
         let logits = self.forward(input)?;
         let cerr = |e: candle_core::Error| ExecError::Backend(e.to_string());
         let params = self.live.row_params(input).map_err(ExecError::Input)?;
-        if !params.is_empty() && params.iter().all(|p| greedy_on_device(p)) {
-            let ids = logits
-                .argmax_keepdim(D::Minus1)
-                .and_then(|t| t.flatten_all()?.to_vec1::<u32>())
-                .map_err(cerr)?;
-            return Ok(ModelOutput::Sampled(
-                ids.into_iter().map(|token| SampledToken { token, logprobs: None }).collect(),
-            ));
+        // Rows the GPU samples exactly as the host would: copy ids, not logits.
+        let seqs = input.row_seqs();
+        let rows: Option<Vec<RowSample>> = params
+            .iter()
+            .zip(&seqs)
+            .map(|(p, &s)| device_row(p, u64::from(input.context_lens[s]), rand::random))
+            .collect();
+        if let Some(rows) = rows.filter(|r| !r.is_empty()) {
+            let ids = self.sample_on_device(&logits, &rows)?;
+            let tokens = ids.into_iter().map(|token| SampledToken { token, logprobs: None }).collect();
+            return Ok(ModelOutput::Sampled(tokens));
         }
         let data = logits.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(cerr)?;
         Ok(ModelOutput::Logits(Logits::new(data, self.caps.vocab_size)?))
