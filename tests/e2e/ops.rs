@@ -6,13 +6,14 @@ use serde_json::{Value, json};
 use crate::api::client;
 use crate::harness::Server;
 
-/// The value of one sample line of the exposition text (0 when absent).
-fn sample(text: &str, name_and_labels: &str) -> f64 {
+/// The value of one sample line of the exposition text; a missing series
+/// fails the test (it is not read as 0).
+pub fn sample(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("no sample {name_and_labels} in:\n{text}"))
 }
 
 async fn get_text(srv: &Server, path: &str) -> (u16, String) {
@@ -33,6 +34,18 @@ async fn readiness_metrics_and_request_ids() {
 
     let (_, before) = get_text(&srv, "/metrics").await;
     assert_eq!(sample(&before, "inferd_kv_cache_usage_ratio"), 0.0);
+    // A fresh instance already exports its latency histograms (at 0), so
+    // dashboards and alerts have a series before the first request.
+    for name in [
+        "inferd_time_to_first_token_seconds_count{model=\"smollm2-135m-instruct\"}",
+        "inferd_inter_token_latency_seconds_count{model=\"smollm2-135m-instruct\"}",
+        "inferd_e2e_request_latency_seconds_count{model=\"smollm2-135m-instruct\"}",
+        "inferd_request_queue_time_seconds_count{model=\"smollm2-135m-instruct\"}",
+        "inferd_time_to_first_token_seconds_bucket{model=\"smollm2-135m-instruct\",le=\"+Inf\"}",
+        "inferd_panics_total{where=\"handler\"}",
+    ] {
+        assert_eq!(sample(&before, name), 0.0, "{name}");
+    }
     let mut prompt_tokens = 0.0;
     let mut completion_tokens = 0.0;
     for (i, id) in ["req-one", "req-two", "req-three"].iter().enumerate() {

@@ -52,6 +52,9 @@ fn shared() -> &'static Server {
                 tenant("fb2", ""),
                 tenant("restricted", "models = [\"some-other-model\"]"),
                 tenant("sdk", "[tenants.limits]\nrequests_per_minute = 3"),
+                tenant("off-rpm", "[tenants.limits]\nrequests_per_minute = 0"),
+                tenant("off-tpm", "[tenants.limits]\ntokens_per_minute = 0"),
+                tenant("bystander", ""),
             ],
         );
         Server::start(&["--config", &config, "--instance-hourly-cost", "1.5"])
@@ -120,6 +123,23 @@ async fn missing_or_wrong_keys_get_401_and_keys_pick_the_tenant() {
     let (status, _, body) = call(srv, Some("restricted"), "/v1/completions", Some(short("Hi", 2))).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "model_not_found");
+}
+
+#[tokio::test]
+async fn a_limit_of_zero_switches_a_tenant_off_with_a_403() {
+    let srv = shared();
+    for t in ["off-rpm", "off-tpm"] {
+        for _ in 0..2 {
+            let (status, headers, body) = call(srv, Some(t), "/v1/completions", Some(short("Hi", 2))).await;
+            assert_eq!(status, 403, "{t}: {body}");
+            assert_eq!(body["error"]["code"], "permission_denied", "{t}");
+            assert!(body["error"]["message"].as_str().unwrap().contains("switched off"), "{body}");
+            assert!(!headers.contains_key("retry-after"), "retrying cannot help");
+        }
+    }
+    // The server is unharmed.
+    let (status, _, body) = call(srv, Some("bystander"), "/v1/completions", Some(short("Hi", 2))).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]

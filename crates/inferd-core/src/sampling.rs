@@ -9,6 +9,11 @@ pub const MAX_N: u32 = 16;
 pub const MAX_LOGPROBS: u32 = 20;
 /// The most stop strings one request may carry.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// The longest stop string, in bytes: each is matched against the tail
+/// of the text on every token.
+pub const MAX_STOP_BYTES: usize = 512;
+/// The most stop token ids one request may carry.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
 
 /// How one request samples its tokens: every OpenAI and vLLM sampling field,
 /// already parsed into native types. Build it at the edge, then `validate()`.
@@ -92,6 +97,10 @@ pub enum SamplingError {
     TooManyStops(usize),
     #[error("stop strings must not be empty")]
     EmptyStop,
+    #[error("stop strings may be at most {MAX_STOP_BYTES} bytes long, got one of {0}")]
+    LongStop(usize),
+    #[error("stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {0}")]
+    TooManyStopTokenIds(usize),
     #[error("logprobs must be in [0, {MAX_LOGPROBS}], got {0}")]
     Logprobs(u32),
 }
@@ -110,7 +119,8 @@ impl SamplingError {
             SamplingError::PresencePenalty(_) => "presence_penalty",
             SamplingError::MaxTokens(_) => "max_tokens",
             SamplingError::MinTokens { .. } => "min_tokens",
-            SamplingError::TooManyStops(_) | SamplingError::EmptyStop => "stop",
+            SamplingError::TooManyStops(_) | SamplingError::EmptyStop | SamplingError::LongStop(_) => "stop",
+            SamplingError::TooManyStopTokenIds(_) => "stop_token_ids",
             SamplingError::Logprobs(_) => "logprobs",
         }
     }
@@ -160,6 +170,12 @@ impl SamplingParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(E::EmptyStop);
+        }
+        if let Some(long) = self.stop.iter().map(String::len).find(|&l| l > MAX_STOP_BYTES) {
+            return Err(E::LongStop(long));
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(E::TooManyStopTokenIds(self.stop_token_ids.len()));
         }
         if let Some(k) = self.logprobs.filter(|&k| k > MAX_LOGPROBS) {
             return Err(E::Logprobs(k));
@@ -239,6 +255,17 @@ mod tests {
             check(SamplingParams { stop: vec!["x".into(); 17], ..d() }),
             "stop may hold at most 16 strings, got 17"
         );
+        assert_eq!(
+            check(SamplingParams { stop: vec!["y".repeat(513)], ..d() }),
+            "stop strings may be at most 512 bytes long, got one of 513"
+        );
+        assert_eq!(
+            check(SamplingParams { stop_token_ids: vec![7; 65], ..d() }),
+            "stop_token_ids may hold at most 64 ids, got 65"
+        );
+        SamplingParams { stop: vec!["y".repeat(512)], stop_token_ids: vec![7; 64], ..d() }
+            .validate()
+            .unwrap();
         assert_eq!(
             check(SamplingParams { logprobs: Some(21), ..d() }),
             "logprobs must be in [0, 20], got 21"

@@ -26,6 +26,7 @@ pub const REQUESTS_TOTAL: &str = "inferd_requests_total";
 /// Label `reason`.
 pub const REQUESTS_REJECTED_TOTAL: &str = "inferd_requests_rejected_total";
 pub const PREEMPTIONS_TOTAL: &str = "inferd_preemptions_total";
+pub const PANICS_TOTAL: &str = "inferd_panics_total";
 /// Per tenant (configured tenants only, so the label set stays bounded).
 pub const TENANT_REQUESTS_TOTAL: &str = "inferd_tenant_requests_total";
 pub const TENANT_PROMPT_TOKENS_TOTAL: &str = "inferd_tenant_prompt_tokens_total";
@@ -78,6 +79,7 @@ pub fn describe() {
     describe_counter!(REQUESTS_TOTAL, "Finished sequences by status and finish reason.");
     describe_counter!(REQUESTS_REJECTED_TOTAL, "Requests refused before running, by reason.");
     describe_counter!(PREEMPTIONS_TOTAL, "Sequences preempted by recompute.");
+    describe_counter!(PANICS_TOTAL, "Panics caught while handling a request (answered 500), by where.");
     describe_counter!(TENANT_REQUESTS_TOTAL, "Requests that ran, by tenant and outcome.");
     describe_counter!(TENANT_PROMPT_TOKENS_TOTAL, "Prompt tokens metered, by tenant.");
     describe_counter!(TENANT_GENERATION_TOKENS_TOTAL, "Completion tokens metered, by tenant.");

@@ -65,12 +65,13 @@ impl LlamaConfig {
         let hidden_size = md_usize(content, &key("embedding_length"))?;
         let num_heads = md_usize(content, &key("attention.head_count"))?;
         let num_kv_heads = md_usize(content, &key("attention.head_count_kv")).unwrap_or(num_heads);
-        let head_dim = md_usize(content, &key("attention.key_length")).unwrap_or(hidden_size / num_heads);
+        let head_dim =
+            md_usize(content, &key("attention.key_length")).unwrap_or(hidden_size / num_heads.max(1));
         let vocab_size = match md_usize(content, &key("vocab_size")) {
             Ok(v) => v,
             Err(_) => md(content, "tokenizer.ggml.tokens")?.to_vec().map(Vec::len)?,
         };
-        Ok(LlamaConfig {
+        LlamaConfig {
             hidden_size,
             intermediate_size: md_usize(content, &key("feed_forward_length"))?,
             num_layers: md_usize(content, &key("block_count"))?,
@@ -88,7 +89,54 @@ impl LlamaConfig {
             // Only llama.cpp's `llama` converter permutes Q/K (Mistral ships as `llama`).
             rope_interleaved: arch == "llama" || arch == "mistral",
             architecture: arch,
-        })
+        }
+        .checked()
+    }
+
+    /// The configuration if every size is in range, so no later arithmetic
+    /// divides by zero, overflows or allocates without bound: a model file
+    /// is input too.
+    pub fn checked(self) -> Result<Self> {
+        let bad = |what: String| Err(ModelError::BadConfig(what));
+        for (name, v, max) in [
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_layers", self.num_layers, 1024),
+            ("num_heads", self.num_heads, 1024),
+            ("num_kv_heads", self.num_kv_heads, 1024),
+            ("head_dim", self.head_dim, 1024),
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 24),
+        ] {
+            if v == 0 || v > max {
+                return bad(format!("{name} is {v}, must be in [1, {max}]"));
+            }
+        }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return bad(format!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!("head_dim {} is odd; RoPE needs pairs", self.head_dim));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return bad(format!("rms_norm_eps {} must be in (0, 1)", self.rms_norm_eps));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return bad(format!("rope_theta {} must be a finite number above 1", self.rope_theta));
+        }
+        if let Some(s) = &self.rope_scaling {
+            let ok =
+                [s.factor, s.low_freq_factor, s.high_freq_factor].iter().all(|f| f.is_finite() && *f > 0.0)
+                    && s.high_freq_factor > s.low_freq_factor
+                    && s.original_max_position_embeddings > 0;
+            if !ok {
+                return bad(format!("rope_scaling {s:?} is out of range"));
+            }
+        }
+        Ok(self)
     }
 
     /// Parses a Hugging Face `config.json`.
@@ -131,7 +179,7 @@ impl LlamaConfig {
             }
             _ => None,
         };
-        Ok(LlamaConfig {
+        LlamaConfig {
             attention_bias: hf.attention_bias.unwrap_or(arch == "qwen2"),
             architecture: arch,
             hidden_size: hf.hidden_size,
@@ -139,7 +187,7 @@ impl LlamaConfig {
             num_layers: hf.num_hidden_layers,
             num_heads: hf.num_attention_heads,
             num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
             vocab_size: hf.vocab_size,
             rms_norm_eps: hf.rms_norm_eps,
             rope_theta: hf.rope_theta,
@@ -147,6 +195,8 @@ impl LlamaConfig {
             max_position_embeddings: hf.max_position_embeddings,
             tie_word_embeddings: hf.tie_word_embeddings,
             rope_interleaved: false,
-        })
+        }
+        .checked()
+        .map_err(|e| e.to_string())
     }
 }

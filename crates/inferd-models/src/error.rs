@@ -11,6 +11,8 @@ pub enum ModelError {
     Format { path: PathBuf, reason: String },
     #[error("GGUF metadata key {0} is missing or has the wrong type")]
     MissingMetadata(String),
+    #[error("the model's configuration is out of range: {0}")]
+    BadConfig(String),
     #[error("unsupported architecture {0:?} (supported: llama, qwen2, mistral)")]
     UnsupportedArchitecture(String),
     #[error("checksum mismatch for {path}: catalogue says sha256 {expected}, file has {actual}")]

@@ -73,9 +73,36 @@ impl Admission {
         (backlog / rate).ceil().clamp(1.0, 60.0) as u64
     }
 
+    /// Refuses with 400 a request that could never be admitted, even into
+    /// an empty queue: retrying it would never help.
+    pub fn check_fits(&self, seqs: usize, tokens_each: usize) -> Result<(), ApiError> {
+        if seqs > self.max_requests {
+            return Err(ApiError::invalid(
+                format!(
+                    "This request asks for {seqs} sequences (n times the number of prompts), more than the server's waiting queue holds ({}, --max-waiting-requests). Lower n or send fewer prompts.",
+                    self.max_requests
+                ),
+                "n",
+            ));
+        }
+        let tokens = seqs.saturating_mul(tokens_each);
+        if tokens > self.max_tokens {
+            return Err(ApiError::invalid(
+                format!(
+                    "This request may use up to {tokens} tokens (prompt + max_tokens for each of {seqs} sequences), more than the server's waiting queue holds ({}, --max-waiting-tokens). Lower max_tokens or n.",
+                    self.max_tokens
+                ),
+                "max_tokens",
+            ));
+        }
+        Ok(())
+    }
+
     /// Admits `seqs` sequences of `tokens_each` tokens (prompt + max_tokens),
-    /// all or none.
+    /// all or none. A request larger than the bounds themselves is a 400;
+    /// one that does not fit now is a 503 with `Retry-After`.
     pub fn admit(self: &Arc<Self>, seqs: usize, tokens_each: usize) -> Result<Vec<Permit>, ApiError> {
+        self.check_fits(seqs, tokens_each)?;
         let tokens = seqs * tokens_each;
         let reqs_before = self.waiting_requests.fetch_add(seqs, Ordering::AcqRel);
         let toks_before = self.waiting_tokens.fetch_add(tokens, Ordering::AcqRel);
@@ -144,5 +171,19 @@ mod tests {
             Err(ApiError::Overloaded { retry_after_secs }) => assert!(retry_after_secs >= 1),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_request_larger_than_the_bounds_is_a_400_not_a_retry() {
+        let a = Admission::new(4, 100);
+        let err = a.admit(5, 1).unwrap_err();
+        assert!(matches!(err, ApiError::Invalid { .. }), "{err:?}");
+        assert!(err.message().contains("--max-waiting-requests"), "{}", err.message());
+        assert_eq!(err.retry_after_secs(), None);
+        let err = a.admit(2, 51).unwrap_err();
+        assert!(err.message().contains("102 tokens") && err.message().contains("--max-waiting-tokens"));
+        assert!(a.admit(usize::MAX, usize::MAX).is_err(), "no overflow");
+        assert_eq!(a.waiting_requests(), 0);
+        assert!(a.admit(4, 25).is_ok(), "exactly the bounds fit");
     }
 }

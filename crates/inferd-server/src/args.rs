@@ -76,7 +76,50 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
         other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB or GiB)")),
     };
-    Ok((num * mult) as usize)
+    let bytes = num * mult;
+    if !bytes.is_finite() || bytes > MAX_BYTES {
+        return Err(format!("size {s:?} is larger than {MAX_BYTES} bytes"));
+    }
+    Ok(bytes as usize)
+}
+
+/// The largest size a flag accepts (1 TiB): beyond any host's memory, and
+/// far below where `usize` arithmetic on it could overflow.
+const MAX_BYTES: f64 = 1024.0 * 1024.0 * 1024.0 * 1024.0;
+
+/// The longest duration a flag accepts: a year.
+pub const MAX_SECONDS: f64 = 365.0 * 86_400.0;
+
+/// Parses a duration in seconds, in [0, a year]: every time flag goes
+/// through it, so no later arithmetic sees NaN, infinity or a negative.
+pub fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("invalid number of seconds {s:?}"))?;
+    if (0.0..=MAX_SECONDS).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be between 0 and {MAX_SECONDS} seconds, got {s}"))
+    }
+}
+
+/// Parses a count of days in (0, 100 years].
+pub fn parse_days(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("invalid number of days {s:?}"))?;
+    if v > 0.0 && v <= 36_525.0 { Ok(v) } else { Err(format!("must be in (0, 36525] days, got {s}")) }
+}
+
+/// Parses an hourly price in USD, in [0, 1,000,000].
+pub fn parse_price(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("invalid price {s:?}"))?;
+    if (0.0..=1e6).contains(&v) { Ok(v) } else { Err(format!("must be in [0, 1000000] USD, got {s}")) }
+}
+
+/// Parses a count of at least 1.
+pub fn parse_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("invalid count {s:?}")),
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -93,13 +136,13 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_PORT", default_value_t = 8080)]
     pub port: u16,
     /// Most sequences running at once.
-    #[arg(long, env = "INFERD_MAX_NUM_SEQS", default_value_t = 64)]
+    #[arg(long, env = "INFERD_MAX_NUM_SEQS", default_value_t = 64, value_parser = parse_count)]
     pub max_num_seqs: usize,
     /// Token budget of one engine step (chunked prefill splits longer prompts).
-    #[arg(long, env = "INFERD_MAX_NUM_BATCHED_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "INFERD_MAX_NUM_BATCHED_TOKENS", default_value_t = 512, value_parser = parse_count)]
     pub max_num_batched_tokens: usize,
     /// Longest sequence (prompt + output); defaults to the model's context length.
-    #[arg(long, env = "INFERD_MAX_MODEL_LEN")]
+    #[arg(long, env = "INFERD_MAX_MODEL_LEN", value_parser = parse_count)]
     pub max_model_len: Option<usize>,
     /// The backend: cpu, cuda[:N] or neuron (each needs its cargo feature but cpu).
     #[arg(long, env = "INFERD_DEVICE", default_value = "cpu")]
@@ -130,7 +173,7 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_GPU_WEIGHTS", default_value = "native")]
     pub gpu_weights: WeightFormat,
     /// Compute threads; defaults to the physical cores.
-    #[arg(long, env = "INFERD_THREADS")]
+    #[arg(long, env = "INFERD_THREADS", value_parser = parse_count)]
     pub threads: Option<usize>,
     /// Disable reuse of cached KV for repeated prompt prefixes.
     #[arg(long, env = "INFERD_NO_PREFIX_CACHING")]
@@ -138,6 +181,19 @@ pub struct ServeArgs {
     /// Largest request body accepted.
     #[arg(long, env = "INFERD_MAX_BODY", default_value = "4MiB", value_parser = parse_bytes)]
     pub max_body: usize,
+    /// Seconds a client has to send a request's head (line and headers),
+    /// counted from when the connection opens or its last response ends, so
+    /// an idle keep-alive connection closes after it too. Keep it above the
+    /// load balancer's idle timeout (ALB: 60 s), or the server closes
+    /// connections the balancer is about to reuse.
+    #[arg(long, env = "INFERD_HEADER_READ_TIMEOUT", default_value_t = 75.0, value_parser = parse_seconds)]
+    pub header_read_timeout: f64,
+    /// Seconds a client has to send a request's whole body (408 after).
+    #[arg(long, env = "INFERD_BODY_READ_TIMEOUT", default_value_t = 30.0, value_parser = parse_seconds)]
+    pub body_read_timeout: f64,
+    /// Largest request head (request line and headers) accepted.
+    #[arg(long, env = "INFERD_MAX_HEADER_BYTES", default_value = "64KiB", value_parser = parse_bytes)]
+    pub max_header_bytes: usize,
     /// Folder of catalogue model files.
     #[arg(long, env = "INFERD_MODELS_DIR", default_value = "models")]
     pub models_dir: PathBuf,
@@ -145,35 +201,35 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_CATALOG", default_value = "models/catalog.toml")]
     pub catalog: PathBuf,
     /// Most sequences waiting to be scheduled; beyond it requests get 503.
-    #[arg(long, env = "INFERD_MAX_WAITING_REQUESTS", default_value_t = 256)]
+    #[arg(long, env = "INFERD_MAX_WAITING_REQUESTS", default_value_t = 256, value_parser = parse_count)]
     pub max_waiting_requests: usize,
     /// Most tokens (prompt + max_tokens) waiting to be scheduled; beyond it 503.
-    #[arg(long, env = "INFERD_MAX_WAITING_TOKENS", default_value_t = 1_000_000)]
+    #[arg(long, env = "INFERD_MAX_WAITING_TOKENS", default_value_t = 1_000_000, value_parser = parse_count)]
     pub max_waiting_tokens: usize,
     /// Seconds a request may wait to be scheduled before it is refused with 503.
-    #[arg(long, env = "INFERD_MAX_QUEUE_WAIT", default_value_t = 30.0)]
+    #[arg(long, env = "INFERD_MAX_QUEUE_WAIT", default_value_t = 30.0, value_parser = parse_seconds)]
     pub max_queue_wait: f64,
     /// Seconds a request may take in all; a request's `timeout` field may shorten it.
-    #[arg(long, env = "INFERD_REQUEST_TIMEOUT", default_value_t = 600.0)]
+    #[arg(long, env = "INFERD_REQUEST_TIMEOUT", default_value_t = 600.0, value_parser = parse_seconds)]
     pub request_timeout: f64,
     /// Seconds after SIGTERM/SIGINT during which new requests are still
     /// served while /ready already reports draining (so the load balancer
     /// stops sending before anything is refused).
-    #[arg(long, env = "INFERD_DRAIN_DELAY", default_value_t = 10.0)]
+    #[arg(long, env = "INFERD_DRAIN_DELAY", default_value_t = 10.0, value_parser = parse_seconds)]
     pub drain_delay: f64,
     /// Seconds in-flight requests may run after the drain delay before they
     /// are cut off with a final error event.
-    #[arg(long, env = "INFERD_DRAIN_TIMEOUT", default_value_t = 120.0)]
+    #[arg(long, env = "INFERD_DRAIN_TIMEOUT", default_value_t = 120.0, value_parser = parse_seconds)]
     pub drain_timeout: f64,
     /// Log lines as `text` or `json` (for log shippers).
     #[arg(long, env = "INFERD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
     /// Seconds between `: keep-alive` comments on open streams.
-    #[arg(long, env = "INFERD_SSE_KEEPALIVE", default_value_t = 15.0)]
+    #[arg(long, env = "INFERD_SSE_KEEPALIVE", default_value_t = 15.0, value_parser = parse_seconds)]
     pub sse_keepalive: f64,
     /// Seconds the engine may have work without finishing a step before
     /// /health and /ready report it stalled.
-    #[arg(long, env = "INFERD_ENGINE_STALL_TIMEOUT", default_value_t = 60.0)]
+    #[arg(long, env = "INFERD_ENGINE_STALL_TIMEOUT", default_value_t = 60.0, value_parser = parse_seconds)]
     pub engine_stall_timeout: f64,
     /// TOML file of tenants, API keys (SHA-256) and limits; without it the
     /// API is open to anyone as the single tenant `default`.
@@ -187,14 +243,14 @@ pub struct ServeArgs {
     pub ledger_durability: LedgerDurability,
     /// Delete usage records older than this many days (checked hourly);
     /// kept forever when unset.
-    #[arg(long, env = "INFERD_LEDGER_RETENTION_DAYS")]
+    #[arg(long, env = "INFERD_LEDGER_RETENTION_DAYS", value_parser = parse_days)]
     pub ledger_retention_days: Option<f64>,
     /// What the instance costs per hour in USD; prices tokens in the
     /// ledger and the cost gauge.
-    #[arg(long, env = "INFERD_INSTANCE_HOURLY_COST")]
+    #[arg(long, env = "INFERD_INSTANCE_HOURLY_COST", value_parser = parse_price)]
     pub instance_hourly_cost: Option<f64>,
     /// Seconds of history the throughput behind the cost is measured over.
-    #[arg(long, env = "INFERD_COST_WINDOW", default_value_t = 600.0)]
+    #[arg(long, env = "INFERD_COST_WINDOW", default_value_t = 600.0, value_parser = parse_seconds)]
     pub cost_window: f64,
 }
 
@@ -202,6 +258,16 @@ pub struct ServeArgs {
 const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
 
 impl ServeArgs {
+    /// What one connection and one request may hold.
+    pub fn conn_limits(&self) -> crate::conn::ConnLimits {
+        crate::conn::ConnLimits {
+            header_read_timeout: std::time::Duration::from_secs_f64(self.header_read_timeout.max(0.1)),
+            body_read_timeout: std::time::Duration::from_secs_f64(self.body_read_timeout.max(0.1)),
+            max_header_bytes: self.max_header_bytes,
+            max_body_bytes: self.max_body,
+        }
+    }
+
     /// What the engine thread builds its backend from.
     pub fn executor_config(&self, model_path: PathBuf) -> ExecutorConfig {
         ExecutorConfig {
@@ -243,5 +309,29 @@ mod tests {
         assert_eq!(parse_bytes("2G"), Ok(2 << 30));
         assert_eq!(parse_bytes("1024"), Ok(1024));
         assert!(parse_bytes("3 parsecs").is_err());
+        assert!(parse_bytes("1e300").is_err(), "no overflow into a wrapped size");
+        assert!(parse_bytes("99999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn numbers_from_flags_are_range_checked() {
+        for (flag, value, want) in [
+            ("--request-timeout", "1e300", "seconds"),
+            ("--request-timeout", "inf", "seconds"),
+            ("--drain-delay", "-1", "seconds"),
+            ("--max-queue-wait", "NaN", "seconds"),
+            ("--ledger-retention-days", "0", "days"),
+            ("--instance-hourly-cost", "-3", "USD"),
+            ("--max-num-seqs", "0", "at least 1"),
+            ("--max-waiting-tokens", "0", "at least 1"),
+            ("--threads", "0", "at least 1"),
+        ] {
+            let arg = format!("{flag}={value}");
+            let err = Cli::try_parse_from(["inferd", "serve", &arg]).unwrap_err().to_string();
+            assert!(err.contains(want), "{flag} {value}: {err}");
+        }
+        let cli = Cli::try_parse_from(["inferd", "serve", "--request-timeout", "0.5"]).unwrap();
+        let Command::Serve(args) = cli.command else { panic!("serve") };
+        assert_eq!(args.request_timeout, 0.5);
     }
 }

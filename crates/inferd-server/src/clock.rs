@@ -80,9 +80,19 @@ pub fn date_string(t: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// The latest time the usage API accepts: 9999-12-31T23:59:59Z. With the
+/// epoch as the earliest, every accepted time fits milliseconds in an i64
+/// many times over.
+pub const MAX_TIME: i64 = 253_402_300_799;
+
 /// Parses a time as the usage API accepts it: Unix seconds, `YYYY-MM-DD`
-/// (midnight UTC) or `YYYY-MM-DDTHH:MM:SS` with an optional `Z`.
+/// (midnight UTC) or `YYYY-MM-DDTHH:MM:SS` with an optional `Z`, from
+/// 1970 to the end of 9999; anything else is `None`.
 pub fn parse_time(s: &str) -> Option<i64> {
+    parse_time_unbounded(s).filter(|t| (0..=MAX_TIME).contains(t))
+}
+
+fn parse_time_unbounded(s: &str) -> Option<i64> {
     let s = s.trim();
     if let Ok(n) = s.parse::<i64>() {
         return Some(n);
@@ -95,7 +105,7 @@ pub fn parse_time(s: &str) -> Option<i64> {
     let y: i64 = parts.next()?.parse().ok()?;
     let m: u32 = parts.next()?.parse().ok()?;
     let d: u32 = parts.next()?.parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
     let mut secs = days_from_civil(y, m, d) * 86_400;
@@ -140,5 +150,12 @@ mod tests {
         assert_eq!(parse_time("2026-11-25T01:02:03Z"), Some(1_795_564_800 + 3723));
         assert_eq!(parse_time("2026-13-01"), None);
         assert_eq!(parse_time("yesterday"), None);
+        // Outside 1970..=9999: refused, never wrapped.
+        assert_eq!(parse_time("9300000000000000"), None);
+        assert_eq!(parse_time("-1"), None);
+        assert_eq!(parse_time("9223372036854775807-01-01"), None);
+        assert_eq!(parse_time("10000-01-01"), None);
+        assert_eq!(parse_time("9999-12-31T23:59:59Z"), Some(MAX_TIME));
+        assert_eq!(parse_time(&MAX_TIME.to_string()), Some(MAX_TIME));
     }
 }

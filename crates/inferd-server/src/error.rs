@@ -29,6 +29,8 @@ pub enum ApiError {
     QueueTimeout { waited_secs: f64, retry_after_secs: u64 },
     /// Past its total deadline (504).
     Timeout { limit_secs: f64 },
+    /// The client did not send its body within the server's limit (408).
+    BodyTimeout { limit_secs: f64 },
     /// A failure of ours, never caused by input (500).
     Internal(String),
     /// Missing or unknown API key (401). Never carries the key.
@@ -74,6 +76,9 @@ impl ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("queue_timeout"))
             }
             ApiError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout_error", Some("timeout")),
+            ApiError::BodyTimeout { .. } => {
+                (StatusCode::REQUEST_TIMEOUT, "invalid_request_error", Some("request_timeout"))
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
             ApiError::Unauthorized { code, .. } => {
                 (StatusCode::UNAUTHORIZED, "invalid_request_error", Some(*code))
@@ -132,6 +137,11 @@ impl ApiError {
             ApiError::Timeout { limit_secs } => {
                 format!("The request exceeded its deadline of {limit_secs} s.")
             }
+            ApiError::BodyTimeout { limit_secs } => {
+                format!(
+                    "The request body did not arrive within {limit_secs} s (the server's --body-read-timeout)."
+                )
+            }
         }
     }
 
@@ -169,6 +179,10 @@ impl ApiError {
                 ),
                 "max_tokens",
             ),
+            Refusal::SwitchedOff { kind } => ApiError::Forbidden(format!(
+                "Tenant `{tenant}` is switched off: its {} is 0. Ask the operator to raise it.",
+                kind.as_str()
+            )),
             Refusal::Exceeded { kind, limit, requested, available, retry_after } => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
                 let message = if kind.is_quota() {

@@ -229,7 +229,7 @@ pub fn start_choices(
     serving: &crate::state::Serving,
     prompts: Vec<Vec<u32>>,
     params: &SamplingParams,
-    timeout: Option<f64>,
+    timeout: Duration,
     meter: &Arc<RequestMeter>,
 ) -> Result<Vec<Choice>, ApiError> {
     let n = params.n;
@@ -237,9 +237,7 @@ pub fn start_choices(
     let mut permits = st.admission.admit(prompts.len() * n as usize, longest + params.max_tokens as usize)?;
     let limits = Limits {
         max_queue_wait: st.max_queue_wait,
-        timeout: timeout
-            .filter(|t| t.is_finite() && *t > 0.0)
-            .map_or(st.request_timeout, |t| st.request_timeout.min(Duration::from_secs_f64(t))),
+        timeout,
         retry_after_secs: st.admission.retry_after_secs(),
     };
     let mut choices = Vec::with_capacity(prompts.len() * n as usize);

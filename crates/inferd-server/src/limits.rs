@@ -23,6 +23,21 @@ pub struct LimitsConfig {
     pub tokens_per_month: Option<u64>,
 }
 
+impl LimitsConfig {
+    /// The first limit set to 0, which switches the tenant off.
+    pub fn switched_off(&self) -> Option<LimitKind> {
+        [
+            (self.requests_per_minute.map(u64::from), LimitKind::RequestsPerMinute),
+            (self.tokens_per_minute, LimitKind::TokensPerMinute),
+            (self.max_concurrent_requests.map(u64::from), LimitKind::Concurrency),
+            (self.tokens_per_day, LimitKind::DailyQuota),
+            (self.tokens_per_month, LimitKind::MonthlyQuota),
+        ]
+        .into_iter()
+        .find_map(|(v, kind)| (v == Some(0)).then_some(kind))
+    }
+}
+
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitKind {
@@ -58,6 +73,8 @@ pub enum Refusal {
     Exceeded { kind: LimitKind, limit: u64, requested: u64, available: u64, retry_after: Duration },
     /// Larger than the limit itself: it can never be admitted.
     TooLarge { kind: LimitKind, limit: u64, requested: u64 },
+    /// The limit is 0: the tenant is switched off.
+    SwitchedOff { kind: LimitKind },
 }
 
 /// A bucket that holds up to `capacity` and refills at `capacity` per minute.
@@ -83,10 +100,15 @@ impl TokenBucket {
         self.updated = now;
     }
 
-    /// Time until the bucket holds `n`.
+    /// Time until the bucket holds `n`; zero when it already does, a day
+    /// at most (an empty bucket of capacity 0 never refills).
     fn time_until(&self, n: f64) -> Duration {
         let missing = (n - self.level).max(0.0);
-        Duration::from_secs_f64(missing / self.rate_per_sec())
+        if missing == 0.0 {
+            return Duration::ZERO;
+        }
+        let secs = missing / self.rate_per_sec();
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX).min(Duration::from_secs(86_400))
     }
 
     fn give(&mut self, n: f64) {
@@ -205,6 +227,9 @@ impl Limiter {
     }
 
     fn admit_at(self: &Arc<Self>, charge: u64, now: Instant, unix: i64) -> Result<Ticket, Refusal> {
+        if let Some(kind) = self.config.switched_off() {
+            return Err(Refusal::SwitchedOff { kind });
+        }
         let mut guard = self.lock();
         let s = &mut *guard;
         if let Some(max) = self.config.max_concurrent_requests
@@ -342,6 +367,34 @@ mod tests {
 
     fn limiter(config: LimitsConfig) -> Arc<Limiter> {
         Limiter::new(config, 0, 0, clock::now_unix())
+    }
+
+    #[test]
+    fn a_zero_limit_switches_the_tenant_off_without_panicking() {
+        for (config, kind) in [
+            (
+                LimitsConfig { requests_per_minute: Some(0), ..Default::default() },
+                LimitKind::RequestsPerMinute,
+            ),
+            (LimitsConfig { tokens_per_minute: Some(0), ..Default::default() }, LimitKind::TokensPerMinute),
+            (LimitsConfig { max_concurrent_requests: Some(0), ..Default::default() }, LimitKind::Concurrency),
+            (LimitsConfig { tokens_per_day: Some(0), ..Default::default() }, LimitKind::DailyQuota),
+            (LimitsConfig { tokens_per_month: Some(0), ..Default::default() }, LimitKind::MonthlyQuota),
+        ] {
+            let l = limiter(config);
+            assert_eq!(l.admit(5).err(), Some(Refusal::SwitchedOff { kind }));
+            // The response headers' view of an empty bucket that never refills.
+            let (requests, tokens) = l.buckets();
+            for b in [requests, tokens].into_iter().flatten() {
+                assert_eq!((b.limit, b.remaining, b.reset), (0, 0, Duration::ZERO));
+            }
+        }
+    }
+
+    #[test]
+    fn time_until_is_bounded() {
+        let b = TokenBucket { capacity: 1e-300, level: 0.0, updated: Instant::now() };
+        assert_eq!(b.time_until(1e300), Duration::from_secs(86_400));
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod admission;
 mod args;
 mod auth;
 mod clock;
+mod conn;
 mod cost;
 mod detok;
 mod drain;
@@ -290,17 +291,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Before the model loads: SIGHUP's default action would end the process.
     tokio::spawn(reload_on_sighup(state.clone(), args.clone(), ledger.clone()));
-    let app = routes::router(state.clone(), args.max_body);
+    let limits = args.conn_limits();
+    let app = routes::router(state.clone(), limits);
     let drain = drain::Drain {
         delay: std::time::Duration::from_secs_f64(args.drain_delay.max(0.0)),
         timeout: std::time::Duration::from_secs_f64(args.drain_timeout.max(0.0)),
     };
-    let server = tokio::spawn(
-        axum::serve(listener, app).with_graceful_shutdown(drain.run(state.clone())).into_future(),
-    );
+    let server = tokio::spawn(conn::serve(listener, app, limits, drain.run(state.clone())));
     let load_args = args.clone();
     let serving = tokio::task::spawn_blocking(move || start_engine(&load_args)).await??;
     let model = serving.model_name.clone();
+    telemetry::register_series(&model);
     state.serving.set(serving).map_err(|_| anyhow::anyhow!("model loaded twice"))?;
     state.set_phase(state::Phase::Ready);
     // The ready line: tests and scripts read the bound address from it.

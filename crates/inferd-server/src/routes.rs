@@ -5,9 +5,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, MethodRouter, on};
 use axum::{Extension, Json, Router};
 use inferd_core::{FinishReason, SamplingParams};
 use inferd_models::ChatMessage;
@@ -24,28 +24,86 @@ use crate::state::{Phase, Serving, SharedState};
 use crate::tenants::Caller;
 use crate::validate::sampling_params;
 
-pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
-    // API routes need a key when tenants are configured; health, readiness,
-    // metrics and stats are for operators and load balancers.
-    let api = Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(models))
-        .route("/v1/usage", get(crate::usage::usage))
-        .route("/v1/feedback", post(crate::usage::feedback))
-        .route("/tokenize", post(tokenize))
-        .route("/detokenize", post(detokenize))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::auth::authenticate));
+/// One route: its method and path (as the OpenAPI document names them),
+/// whether it needs an API key when tenants are configured, and its handler.
+pub struct RouteSpec {
+    pub method: Method,
+    pub path: &'static str,
+    pub authenticated: bool,
+    /// The handler, mounted for a method.
+    mount: Box<dyn FnOnce(MethodFilter) -> MethodRouter<SharedState>>,
+}
+
+impl RouteSpec {
+    fn method_router(self) -> MethodRouter<SharedState> {
+        let filter = MethodFilter::try_from(self.method).expect("routes use standard methods");
+        (self.mount)(filter)
+    }
+}
+
+fn route<H, T>(method: Method, path: &'static str, authenticated: bool, handler: H) -> RouteSpec
+where
+    H: axum::handler::Handler<T, SharedState>,
+    T: 'static,
+{
+    RouteSpec { method, path, authenticated, mount: Box::new(move |filter| on(filter, handler)) }
+}
+
+/// Every route the server answers. The router is built from this table and
+/// a test holds it equal to `openapi.json`, so the document cannot drift.
+pub fn routes() -> Vec<RouteSpec> {
+    vec![
+        route(Method::POST, "/v1/completions", true, completions),
+        route(Method::POST, "/v1/chat/completions", true, chat_completions),
+        route(Method::GET, "/v1/models", true, models),
+        route(Method::GET, "/v1/usage", true, crate::usage::usage),
+        route(Method::POST, "/v1/feedback", true, crate::usage::feedback),
+        route(Method::POST, "/tokenize", true, tokenize),
+        route(Method::POST, "/detokenize", true, detokenize),
+        // For operators and load balancers: never behind a key.
+        route(Method::GET, "/health", false, health),
+        route(Method::GET, "/ready", false, ready),
+        route(Method::GET, "/metrics", false, metrics_text),
+        route(Method::GET, "/stats", false, stats),
+        route(Method::GET, "/openapi.json", false, openapi),
+    ]
+}
+
+/// The OpenAPI 3.1 document of this API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// `GET /openapi.json`: the document, with this instance's model name as
+/// the one value `model` may take.
+async fn openapi(State(st): State<SharedState>) -> Response {
+    static DOC: std::sync::LazyLock<Value> =
+        std::sync::LazyLock::new(|| serde_json::from_str(OPENAPI).expect("openapi.json is JSON"));
+    let mut doc = DOC.clone();
+    if let Some(serving) = st.serving.get() {
+        doc["components"]["schemas"]["ModelName"]["enum"] = json!([&*serving.model_name]);
+    }
+    Json(doc).into_response()
+}
+
+pub fn router(state: SharedState, limits: crate::conn::ConnLimits) -> Router {
+    let (mut api, mut open) = (Router::new(), Router::new());
+    for r in routes() {
+        if r.authenticated {
+            api = api.route(r.path, r.method_router());
+        } else {
+            open = open.route(r.path, r.method_router());
+        }
+    }
+    // API routes need a key when tenants are configured.
+    let api = api.route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::auth::authenticate));
     Router::new()
         .merge(api)
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics_text))
-        .route("/stats", get(stats))
+        .merge(open)
         .fallback(|| async { ApiError::NotFound })
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::drain::gate))
         .layer(axum::middleware::from_fn(crate::request_id::request_id))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(limits, crate::conn::read_body))
+        .layer(axum::middleware::from_fn(crate::conn::catch_panic))
         .with_state(state)
 }
 
@@ -83,6 +141,9 @@ fn message_text(m: &Message) -> Result<String, ApiError> {
     }
 }
 
+/// The most messages one conversation may hold.
+pub const MAX_MESSAGES: usize = 2048;
+
 /// Renders a conversation through the model's chat template.
 fn render_chat(
     serving: &Serving,
@@ -91,6 +152,12 @@ fn render_chat(
 ) -> Result<String, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages must hold at least one message", "messages"));
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid(
+            format!("messages may hold at most {MAX_MESSAGES} messages, got {}", messages.len()),
+            "messages",
+        ));
     }
     let mut chat = Vec::with_capacity(messages.len());
     for m in messages {
@@ -135,6 +202,13 @@ async fn completions(
     if req.echo {
         return Err(ApiError::invalid("echo is not supported", "echo"));
     }
+    // Before tokenizing: a list of prompts is bounded by the waiting queue.
+    let count = match &req.prompt {
+        Prompt::Texts(v) => v.len(),
+        Prompt::TokenLists(v) => v.len(),
+        Prompt::Text(_) | Prompt::Tokens(_) => 1,
+    };
+    st.admission.check_fits(count.saturating_mul(req.sampling.n.unwrap_or(1) as usize), 0)?;
     let tokenizer = serving.tokenizer.clone();
     let prompts = blocking(move || {
         let encode = |s: &str| tokenizer.encode(s).map_err(|e| ApiError::invalid(e.to_string(), "prompt"));
@@ -219,6 +293,8 @@ struct RequestCtx {
     /// The prompt, only for tenants that keep prompts (redacted later).
     kept_prompt: Option<String>,
     arrival: Instant,
+    /// Test fault: panic in the streaming task (debug builds only).
+    panic_in_stream: bool,
 }
 
 impl RequestCtx {
@@ -235,7 +311,10 @@ impl RequestCtx {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        Ok(RequestCtx { caller, request_id, feature, kept_prompt, arrival })
+        let fault = crate::conn::fault::requested(headers);
+        assert!(fault != Some("panic-handler"), "injected fault: a panic in the handler");
+        let panic_in_stream = fault == Some("panic-stream");
+        Ok(RequestCtx { caller, request_id, feature, kept_prompt, arrival, panic_in_stream })
     }
 }
 
@@ -295,6 +374,9 @@ async fn run(
             ));
         }
     }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    st.admission.check_fits(prompts.len() * params.n as usize, longest + params.max_tokens as usize)?;
+    let timeout = crate::validate::request_timeout(fields.timeout, st.request_timeout)?;
     // The tenant's limits: the most this request can use is every prompt
     // once plus max_tokens for every choice.
     let charge = prompts.iter().map(|p| p.len() as u64).sum::<u64>()
@@ -302,6 +384,7 @@ async fn run(
     let tenant = &ctx.caller.tenant;
     let ticket = tenant.limiter.admit(charge).map_err(|r| ApiError::from_refusal(&tenant.id, r))?;
     let prefix = if route == Route::Chat { "chatcmpl" } else { "cmpl" };
+    let panic_in_stream = ctx.panic_in_stream;
     let envelope = Envelope {
         id: format!("{prefix}-{}", crate::request_id::generate()),
         created: now_secs(),
@@ -326,12 +409,20 @@ async fn run(
         serving.engine.clone(),
         st.live_meters.clone(),
     );
-    let choices = start_choices(st, serving, prompts, &params, fields.timeout, &meter)?;
+    let choices = start_choices(st, serving, prompts, &params, timeout, &meter)?;
     let tokenizer = serving.tokenizer.clone();
     if fields.stream {
         let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
-        Ok(crate::sse::stream(envelope, choices, tokenizer, include_usage, st.sse_keepalive, meter)
-            .into_response())
+        Ok(crate::sse::stream(
+            envelope,
+            choices,
+            tokenizer,
+            include_usage,
+            st.sse_keepalive,
+            meter,
+            panic_in_stream,
+        )
+        .into_response())
     } else {
         let results = futures_util::future::join_all(choices.into_iter().map(collect)).await;
         let mut out = Vec::with_capacity(results.len());
@@ -471,7 +562,11 @@ async fn metrics_text(State(st): State<SharedState>) -> Response {
             );
             ([("content-type", "text/plain; version=0.0.4")], text).into_response()
         }
-        None => ApiError::NotFound.into_response(),
+        None => ApiError::Unavailable {
+            message: "This process has no metrics recorder installed.".into(),
+            retry_after_secs: 60,
+        }
+        .into_response(),
     }
 }
 
@@ -500,4 +595,71 @@ async fn stats(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
         "engine_steps": s.steps.load(r),
         "generated_tokens": s.generated_tokens.load(r),
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut out = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("a path item").keys() {
+                out.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_openapi_document_names_exactly_the_routes() {
+        let served: BTreeSet<(String, String)> =
+            routes().iter().map(|r| (r.method.to_string(), r.path.to_string())).collect();
+        assert_eq!(served, documented());
+    }
+
+    #[test]
+    fn every_documented_error_response_is_an_openai_error() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        for (name, resp) in doc["components"]["responses"].as_object().unwrap() {
+            assert_eq!(
+                resp["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/Error",
+                "{name}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_router_answers_every_route_of_the_table() {
+        let limits = crate::conn::ConnLimits {
+            header_read_timeout: std::time::Duration::from_secs(5),
+            body_read_timeout: std::time::Duration::from_secs(5),
+            max_header_bytes: 1 << 16,
+            max_body_bytes: 1 << 20,
+        };
+        let app = router(std::sync::Arc::new(crate::state::AppState::default()), limits);
+        for r in routes() {
+            let req = axum::http::Request::builder()
+                .method(r.method.clone())
+                .uri(r.path)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from("{}"))
+                .unwrap();
+            let resp = app.clone().oneshot(req).await.unwrap();
+            // Without a model the answer may be 503 or 400; never "no such route".
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+            let text = String::from_utf8_lossy(&body);
+            assert!(status != StatusCode::METHOD_NOT_ALLOWED, "{} {}: {status}", r.method, r.path);
+            assert!(!text.contains("Unknown route."), "{} {}: {text}", r.method, r.path);
+        }
+        let req = axum::http::Request::get("/v1/nothing").body(axum::body::Body::empty()).unwrap();
+        assert_eq!(app.oneshot(req).await.unwrap().status(), StatusCode::NOT_FOUND);
+    }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures_util::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
 use inferd_core::FinishReason;
 use tokio::sync::mpsc;
 
@@ -33,19 +35,37 @@ pub fn stream(
     include_usage: bool,
     keepalive: Duration,
     meter: Arc<RequestMeter>,
+    inject_panic: bool,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let (msg_tx, mut msg_rx) = mpsc::channel::<Msg>(64);
     let total = choices.len();
     for mut choice in choices {
         let tx = msg_tx.clone();
         tokio::spawn(async move {
-            while let Some(piece) = choice.next().await {
-                let msg = match piece {
-                    Ok(p) => Msg::Piece(choice.index, p),
-                    Err(e) => Msg::Failed(e),
-                };
-                if tx.send(msg).await.is_err() {
-                    return;
+            let feed = async {
+                while let Some(piece) = choice.next().await {
+                    assert!(!inject_panic, "injected fault: a panic while streaming");
+                    let msg = match piece {
+                        Ok(p) => Msg::Piece(choice.index, p),
+                        Err(e) => Msg::Failed(e),
+                    };
+                    if tx.send(msg).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            };
+            // A panic ends this choice with an error event; the others and
+            // the end of the stream (usage, [DONE]) still come.
+            match AssertUnwindSafe(feed).catch_unwind().await {
+                Ok(false) => return,
+                Ok(true) => {}
+                Err(payload) => {
+                    crate::conn::panicked("stream", "", payload.as_ref());
+                    let failure = ApiError::Internal(
+                        "The server failed while streaming this choice; the failure is logged.".into(),
+                    );
+                    let _ = tx.send(Msg::Failed(failure)).await;
                 }
             }
             let _ = tx.send(Msg::Done).await;

@@ -30,6 +30,23 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// Registers the series dashboards and alerts expect on a fresh instance,
+/// so they read 0 rather than "no data" until the first request: the
+/// latency histograms of `model`, the engine's step histograms and the
+/// panic counters.
+pub fn register_series(model: &str) {
+    for name in
+        [m::TIME_TO_FIRST_TOKEN, m::INTER_TOKEN_LATENCY, m::E2E_REQUEST_LATENCY, m::REQUEST_QUEUE_TIME]
+    {
+        let _ = metrics::histogram!(name, "model" => model.to_owned());
+    }
+    let _ = metrics::histogram!(m::ENGINE_STEP_SECONDS);
+    let _ = metrics::histogram!(m::ENGINE_STEP_TOKENS);
+    for place in ["handler", "stream"] {
+        metrics::counter!(m::PANICS_TOTAL, "where" => place).increment(0);
+    }
+}
+
 /// Copies the engine's published state into gauges and counters, then
 /// renders the exposition text.
 pub fn render(

@@ -40,7 +40,9 @@ fn parse_query(q: &HashMap<String, String>, caller: &Caller) -> Result<(UsageQue
             None => Ok(default),
             Some(v) => clock::parse_time(v).map(|s| s * 1000).ok_or_else(|| {
                 ApiError::invalid(
-                    format!("{name} must be Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ, got {v:?}"),
+                    format!(
+                        "{name} must be Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ between 1970 and 9999, got {v:?}"
+                    ),
                     name,
                 )
             }),

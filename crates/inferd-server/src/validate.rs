@@ -1,6 +1,8 @@
 //! Parse at the edge: request fields become typed sampling parameters, with
 //! OpenAI-style messages for every value out of range.
 
+use std::time::Duration;
+
 use inferd_core::SamplingParams;
 
 use crate::error::ApiError;
@@ -15,6 +17,21 @@ pub fn context_error(max_model_len: usize, prompt: usize, completion: usize) -> 
         ),
         "max_tokens",
     )
+}
+
+/// The deadline of a request: its `timeout` field (seconds, positive),
+/// capped by the server's `--request-timeout`.
+pub fn request_timeout(field: Option<f64>, server: Duration) -> Result<Duration, ApiError> {
+    match field {
+        None => Ok(server),
+        Some(t) if t > 0.0 && t.is_finite() => {
+            Ok(Duration::try_from_secs_f64(t).map_or(server, |d| d.min(server)))
+        }
+        Some(t) => Err(ApiError::invalid(
+            format!("timeout must be a positive number of seconds, got {t}"),
+            "timeout",
+        )),
+    }
 }
 
 /// Builds and validates sampling parameters for a prompt of `prompt_len`
@@ -95,5 +112,18 @@ mod tests {
         assert!(sampling_params(&f, Some(5), None, 3, 100).is_err());
         let f = SamplingFields { top_k: Some(-1), ..Default::default() };
         assert_eq!(sampling_params(&f, Some(5), None, 3, 100).unwrap().top_k, None);
+    }
+
+    #[test]
+    fn timeouts_are_positive_and_capped_by_the_server() {
+        let server = Duration::from_secs(600);
+        assert_eq!(request_timeout(None, server), Ok(server));
+        assert_eq!(request_timeout(Some(2.5), server), Ok(Duration::from_millis(2500)));
+        assert_eq!(request_timeout(Some(1e300), server), Ok(server), "no Duration overflow");
+        assert_eq!(request_timeout(Some(f64::MAX), server), Ok(server));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let err = request_timeout(Some(bad), server).unwrap_err();
+            assert!(err.message().starts_with("timeout must be a positive"), "{bad}: {}", err.message());
+        }
     }
 }
