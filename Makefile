@@ -6,7 +6,7 @@ CARGO ?= cargo
 # build in target/ is never overwritten by a native one.
 NATIVE_TARGET_DIR ?= target/native
 
-.PHONY: test fmt-check clippy unit bench fmt model venv serve build cuda-toolkit cuda-check gpu-bundle
+.PHONY: test fmt-check clippy unit bench fmt model venv serve build cuda-toolkit cuda-check gpu-bundle fuzz faults
 
 PYTHON ?= python3
 MODEL ?= smollm2-135m-instruct
@@ -61,6 +61,27 @@ unit:
 ## bench: the criterion suites, built with -C target-cpu=native
 bench:
 	RUSTFLAGS="-C target-cpu=native" $(CARGO) bench -p inferd-benches --target-dir $(NATIVE_TARGET_DIR)
+
+# How long `make fuzz` runs each cargo-fuzz target, and how many cases per
+# operation its schemathesis run generates.
+FUZZ_SECONDS ?= 300
+FUZZ_EXAMPLES ?= 200
+
+## fuzz: schemathesis with more cases against the live server, then each
+## cargo-fuzz target (request JSON, GGUF, chat template) for FUZZ_SECONDS
+fuzz: model venv
+	INFERD_SCHEMATHESIS_EXAMPLES=$(FUZZ_EXAMPLES) $(CARGO) test --locked -p inferd-server --test e2e \
+		-- schema::schemathesis --nocapture
+	$(CARGO) install --locked --quiet cargo-fuzz@0.13.2
+	cd fuzz && for t in request_json chat_template gguf; do \
+		mkdir -p corpus/$$t && \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O --sanitizer none $$t corpus/$$t seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=3072 -max_len=65536 || exit 1; \
+	done
+
+## faults: overload, disconnect storm and kill -9 against a release build (benches/faults.py)
+faults: model build
+	$(PYTHON) benches/faults.py all
 
 ## fmt: format the whole workspace
 fmt:

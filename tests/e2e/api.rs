@@ -223,7 +223,7 @@ pub async fn stream_behind_a_long_request(
             .send()
             .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    crate::harness::wait_for_stats(srv, "ran the long request", |s| s["num_requests_running"] == 1).await;
     let queued = client()
         .post(srv.url("/v1/completions"))
         .json(&json!({"prompt": "Queued:", "max_tokens": 3, "stream": true}))

@@ -25,10 +25,7 @@ async fn sigterm_drains_without_dropping_the_stream() {
 
     let t0 = Instant::now();
     srv.signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let ready = client().get(srv.url("/ready")).send().await.unwrap();
-    assert_eq!(ready.status(), 503);
-    assert_eq!(ready.json::<Value>().await.unwrap()["status"], "draining");
+    wait_draining(&srv).await;
 
     // Within the drain delay: still served.
     let (s, _) = {
@@ -37,16 +34,20 @@ async fn sigterm_drains_without_dropping_the_stream() {
     };
     assert_eq!(s, 200, "requests are served during the drain delay");
 
-    // After it: refused, with Retry-After and Connection: close.
-    tokio::time::sleep(Duration::from_millis(1500).saturating_sub(t0.elapsed()) + Duration::from_millis(300))
-        .await;
-    let late = client()
-        .post(srv.url("/v1/completions"))
-        .json(&json!({"prompt": "hi", "max_tokens": 2}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(late.status(), 503);
+    // After it: refused, with Retry-After and Connection: close; never before.
+    let late = loop {
+        let r = client().post(srv.url("/tokenize")).json(&json!({"prompt": "hi"})).send().await.unwrap();
+        if r.status() == 503 {
+            break r;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "never refused after the drain delay");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "refused within the drain delay: {:?}",
+        t0.elapsed()
+    );
     assert!(late.headers().contains_key("retry-after"));
     assert_eq!(late.headers()["connection"], "close");
 
@@ -106,8 +107,21 @@ async fn drain_timeout_cuts_open_streams_with_an_error_event_and_a_second_signal
     // A second signal does not wait for the drain.
     let mut srv = Server::start(&["--drain-delay", "60"]);
     srv.signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_draining(&srv).await;
     srv.signal(libc::SIGTERM);
     let status = tokio::task::spawn_blocking(move || srv.wait_exit(Duration::from_secs(5))).await.unwrap();
     assert!(status.is_some(), "a second signal must exit at once");
+}
+
+/// Polls /ready until it reports draining (the signal was handled).
+async fn wait_draining(srv: &Server) {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = client().get(srv.url("/ready")).send().await.unwrap();
+        if ready.status() == 503 && ready.json::<Value>().await.unwrap()["status"] == "draining" {
+            return;
+        }
+        assert!(Instant::now() < until, "never draining after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -167,3 +167,26 @@ pub async fn wait_idle(srv: &Server) -> serde_json::Value {
     }
     stats
 }
+
+/// Polls /stats until `done` holds (at most 30 s, for a loaded machine);
+/// returns those stats. Tests order events by this, not by sleeping.
+pub async fn wait_for_stats(
+    srv: &Server,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats: serde_json::Value = reqwest::get(srv.url("/stats"))
+            .await
+            .expect("stats answers")
+            .json()
+            .await
+            .expect("stats is JSON");
+        if done(&stats) {
+            return stats;
+        }
+        assert!(std::time::Instant::now() < until, "never {what}: {stats}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

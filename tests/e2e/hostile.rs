@@ -85,6 +85,29 @@ async fn client_controlled_sizes_are_bounded() {
         assert_eq!(status, 400, "{param}: {resp}");
         assert_eq!(resp["error"]["param"], param, "{resp}");
     }
+    // logit_bias: bounded, in range, in the vocabulary; and it works.
+    let bias = |n: usize, v: f64| -> Value {
+        (0..n).map(|i| (i.to_string(), json!(v))).collect::<serde_json::Map<_, _>>().into()
+    };
+    for (body, what) in [
+        (json!({"prompt": "Hi", "logit_bias": bias(301, 1.0)}), "at most 300"),
+        (json!({"prompt": "Hi", "logit_bias": {"5": 101}}), "[-100, 100]"),
+        (json!({"prompt": "Hi", "logit_bias": {"x": 1}}), "token ids"),
+        (json!({"prompt": "Hi", "logit_bias": {"999999": 1}}), "outside the vocabulary"),
+    ] {
+        let (status, _, resp) = post("/v1/completions", body).await;
+        assert_eq!(status, 400, "{resp}");
+        assert_eq!(resp["error"]["param"], "logit_bias");
+        assert!(message(&resp).contains(what), "{resp}");
+    }
+    // Token 19556 is "Hello": a bias of 100 makes it every greedy token.
+    let (status, _, body) = post(
+        "/v1/completions",
+        json!({"prompt": "Hi", "max_tokens": 3, "temperature": 0, "logit_bias": {"19556": 100}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"], "HelloHelloHello");
     // Right at the bounds: served.
     let (status, _, body) = post(
         "/v1/completions",

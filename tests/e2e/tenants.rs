@@ -477,8 +477,8 @@ async fn daily_quota_is_exhausted_and_survives_a_restart() {
     assert_eq!(usage["quota"]["tokens_per_day"]["remaining"], 120 - used);
 }
 
-/// Streams a request as `tenant` and returns when its `[DONE]` arrived.
-async fn finish_time(base: String, tenant: &'static str, body: Value) -> std::time::Instant {
+/// Streams a request as `tenant` to its `[DONE]`.
+async fn stream_to_end(base: String, tenant: &'static str, body: Value) {
     let resp = client()
         .post(format!("{base}/v1/completions"))
         .bearer_auth(format!("key-{tenant}"))
@@ -489,19 +489,12 @@ async fn finish_time(base: String, tenant: &'static str, body: Value) -> std::ti
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     assert!(text.contains("[DONE]"));
-    std::time::Instant::now()
 }
 
 /// Waits until the server reports `n` sequences waiting.
 async fn wait_for_waiting(srv: &Server, n: u64) {
-    for _ in 0..400 {
-        let stats: Value = client().get(srv.url("/stats")).send().await.unwrap().json().await.unwrap();
-        if stats["num_requests_waiting"].as_u64() >= Some(n) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{n} requests never waited");
+    let what = format!("had {n} requests waiting");
+    crate::harness::wait_for_stats(srv, &what, |s| s["num_requests_waiting"].as_u64() >= Some(n)).await;
 }
 
 #[tokio::test]
@@ -517,34 +510,45 @@ async fn a_higher_priority_tenant_is_scheduled_first() {
         client().post(srv.url("/v1/completions")).bearer_auth("key-low").json(&long).send().await.unwrap();
     let mut running = resp.bytes_stream();
     running.next().await.unwrap().unwrap();
-    let low = tokio::spawn(finish_time(srv.base.clone(), "low", short.clone()));
+    let low = tokio::spawn(stream_to_end(srv.base.clone(), "low", short.clone()));
     wait_for_waiting(&srv, 1).await;
-    let high = tokio::spawn(finish_time(srv.base.clone(), "high", short));
+    let high = tokio::spawn(stream_to_end(srv.base.clone(), "high", short));
     wait_for_waiting(&srv, 2).await;
     // Both queue behind the long request; let it finish.
     while let Some(chunk) = running.next().await {
         chunk.unwrap();
     }
-    let (low, high) = (low.await.unwrap(), high.await.unwrap());
-    assert!(high < low, "the high-priority request, queued later, ran before the low one");
+    low.await.unwrap();
+    high.await.unwrap();
+    // The server's order, not the client's: each short request's usage
+    // record is committed when it ends, so ledger ids follow completion.
+    let conn = rusqlite::Connection::open(&srv.ledger).unwrap();
+    let mut stmt = conn.prepare("SELECT tenant FROM usage WHERE completion_tokens = 4 ORDER BY id").unwrap();
+    let order: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    assert_eq!(order, ["high", "low"], "the high-priority request, queued later, ran before the low one");
 }
 
 #[tokio::test]
 async fn an_exhausted_daily_quota_resets_at_utc_midnight() {
-    // The server's clock starts 20 s before the next UTC midnight.
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-    let skew = (now / 86_400 + 1) * 86_400 - 20 - now;
     let dir = temp_dir("quota-reset");
     let config = write_config(&dir, &[tenant("q", "[tenants.limits]\ntokens_per_day = 60")]);
-    let skew = skew.to_string();
-    let srv = Server::start_with_env(&["--config", &config], &[("INFERD_FAULT_CLOCK_SKEW_SECS", &skew)]);
+    let srv = Server::start_with_env(&["--config", &config], &[("INFERD_FAULT_INJECTION", "1")]);
+    // Once the server is up (however long that took), its clock is set to
+    // 20 s before the next UTC midnight by the first request.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let clock = format!("clock={}", (now / 86_400 + 1) * 86_400 - 20);
     let mut retry = None;
-    for _ in 0..10 {
-        let (status, h, body) =
-            call(&srv, Some("q"), "/v1/completions", Some(short("Count to ten:", 16))).await;
+    for i in 0..10 {
+        let mut req = client().post(srv.url("/v1/completions")).bearer_auth("key-q");
+        if i == 0 {
+            req = req.header("x-inferd-fault", &clock);
+        }
+        let resp = req.json(&short("Count to ten:", 16)).send().await.unwrap();
+        let (status, h) = (resp.status().as_u16(), resp.headers().clone());
+        let body: Value = resp.json().await.unwrap();
         if status == 429 {
             assert_eq!(body["error"]["limit"], "tokens_per_day", "{body}");
-            retry = Some(h["retry-after"].parse::<u64>().unwrap());
+            retry = Some(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap());
             break;
         }
         assert_eq!(status, 200, "{body}");

@@ -14,6 +14,8 @@ pub const MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_BYTES: usize = 512;
 /// The most stop token ids one request may carry.
 pub const MAX_STOP_TOKEN_IDS: usize = 64;
+/// The most tokens `logit_bias` may name (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
 
 /// How one request samples its tokens: every OpenAI and vLLM sampling field,
 /// already parsed into native types. Build it at the edge, then `validate()`.
@@ -41,6 +43,10 @@ pub struct SamplingParams {
     pub min_tokens: u32,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<TokenId>,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`,
+    /// each in [-100, 100]; -100 all but bans a token, 100 all but forces it).
+    #[serde(default)]
+    pub logit_bias: Vec<(TokenId, f32)>,
     /// Keep generating past the model's end-of-sequence token.
     pub ignore_eos: bool,
     /// `Some(k)`: return the sampled token's logprob and the `k` most likely.
@@ -63,6 +69,7 @@ impl Default for SamplingParams {
             min_tokens: 0,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
+            logit_bias: Vec::new(),
             ignore_eos: false,
             logprobs: None,
         }
@@ -101,6 +108,10 @@ pub enum SamplingError {
     LongStop(usize),
     #[error("stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {0}")]
     TooManyStopTokenIds(usize),
+    #[error("logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {0}")]
+    TooManyLogitBiases(usize),
+    #[error("logit_bias values must be in [-100, 100], got {0}")]
+    LogitBias(f32),
     #[error("logprobs must be in [0, {MAX_LOGPROBS}], got {0}")]
     Logprobs(u32),
 }
@@ -121,6 +132,7 @@ impl SamplingError {
             SamplingError::MinTokens { .. } => "min_tokens",
             SamplingError::TooManyStops(_) | SamplingError::EmptyStop | SamplingError::LongStop(_) => "stop",
             SamplingError::TooManyStopTokenIds(_) => "stop_token_ids",
+            SamplingError::TooManyLogitBiases(_) | SamplingError::LogitBias(_) => "logit_bias",
             SamplingError::Logprobs(_) => "logprobs",
         }
     }
@@ -176,6 +188,12 @@ impl SamplingParams {
         }
         if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
             return Err(E::TooManyStopTokenIds(self.stop_token_ids.len()));
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(E::TooManyLogitBiases(self.logit_bias.len()));
+        }
+        if let Some(&(_, b)) = self.logit_bias.iter().find(|(_, b)| !within(*b, -100.0, 100.0)) {
+            return Err(E::LogitBias(b));
         }
         if let Some(k) = self.logprobs.filter(|&k| k > MAX_LOGPROBS) {
             return Err(E::Logprobs(k));

@@ -61,8 +61,8 @@ impl LiveSeqs {
 /// How a device samples a row exactly as the host sampler would, if it
 /// can: greedy as top-k 1; temperature with top-k up to the kernel's
 /// candidate limit and any top-p, or with neither (the whole softmax).
-/// `None` for rows that need the host: logprobs, penalties, min_tokens,
-/// min_p, or a nucleus over more than the limit. `counter` is the
+/// `None` for rows that need the host: logprobs, penalties, logit bias,
+/// min_tokens, min_p, or a nucleus over more than the limit. `counter` is the
 /// sequence's token count; `seed` the request's, or a fresh random one.
 pub fn device_row(p: &SamplingParams, counter: u64, fresh_seed: impl FnOnce() -> u64) -> Option<RowSample> {
     let plain = p.logprobs.is_none()
@@ -70,7 +70,8 @@ pub fn device_row(p: &SamplingParams, counter: u64, fresh_seed: impl FnOnce() ->
         && p.frequency_penalty == 0.0
         && p.presence_penalty == 0.0
         && p.min_tokens == 0
-        && p.min_p == 0.0;
+        && p.min_p == 0.0
+        && p.logit_bias.is_empty();
     if !plain {
         return None;
     }

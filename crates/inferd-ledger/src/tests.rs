@@ -157,11 +157,32 @@ fn concurrent_writers_lose_nothing_and_the_file_reopens_clean() {
         threads.into_iter().for_each(|t| t.join().unwrap());
         ledger.close();
         assert_eq!(ledger.stats().records_written.load(Ordering::Relaxed), 2000);
-        assert!(ledger.stats().commits.load(Ordering::Relaxed) <= 2000);
         assert!(matches!(ledger.write_detached(record(0, "a", "m", None, 1)), Err(LedgerError::Stopped)));
     }
     let ledger = Ledger::open(&path, Durability::Full).unwrap();
     let q = UsageQuery { start_ms: 0, end_ms: 2, ..Default::default() };
     assert_eq!(ledger.read(|c| q.run(c)).unwrap().rows[0].requests, 2000);
     assert_eq!(ledger.read(integrity_check).unwrap(), "ok");
+}
+
+#[test]
+fn records_that_arrive_together_share_a_commit() {
+    let path = temp_path("group-commit");
+    let ledger = Ledger::open(&path, Durability::Process).unwrap();
+    // Another connection holds the write lock, so the writer's first
+    // commit waits while everything else queues behind it.
+    let blocker = Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let n = 1000;
+    for i in 0..n {
+        ledger.write_detached(record(i, "a", "m", None, 1)).unwrap();
+    }
+    blocker.execute_batch("COMMIT").unwrap();
+    ledger.close();
+    let stats = ledger.stats();
+    assert_eq!(stats.records_written.load(Ordering::Relaxed), n);
+    let commits = stats.commits.load(Ordering::Relaxed);
+    // The first record alone, then the rest in batches of MAX_BATCH.
+    let most = 1 + (n as usize - 1).div_ceil(MAX_BATCH) as u64;
+    assert!(commits <= most, "{commits} commits for {n} records (at most {most} expected)");
 }

@@ -222,6 +222,19 @@ mod tests {
     }
 
     #[test]
+    fn the_fuzzers_seed_model_loads_whole() {
+        // fuzz/seeds/gguf/tiny.gguf: a one-layer llama with every tensor the
+        // loader reads, so the gguf fuzz target starts from a file that
+        // reaches the weights.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/gguf/tiny.gguf");
+        let mut f = GgufFile::open(&path).unwrap();
+        let cfg = LlamaConfig::from_gguf(&f.content).unwrap();
+        assert_eq!((cfg.num_layers, cfg.hidden_size, cfg.vocab_size), (1, 8, 4));
+        let w = f.weights(&cfg, &Device::Cpu).unwrap();
+        assert_eq!(w.layers.len(), 1);
+    }
+
+    #[test]
     fn a_config_out_of_range_is_refused() {
         let md = |heads: u32| {
             vec![

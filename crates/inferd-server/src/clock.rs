@@ -14,21 +14,33 @@ pub fn now_unix_ms() -> i64 {
     real + skew_ms()
 }
 
-/// Fault injection for tests, debug builds only: `INFERD_FAULT_CLOCK_SKEW_SECS`
-/// moves the wall clock, so a test can start just before a UTC midnight
-/// and watch a daily quota reset.
+/// Fault injection for tests, debug builds only: the wall clock moved by
+/// this many milliseconds, set by a request's `X-Inferd-Fault: clock=<unix
+/// seconds>` (with `INFERD_FAULT_INJECTION=1`), so a test can put the
+/// server just before a UTC midnight once it is up and watch a daily quota
+/// reset.
+#[cfg(debug_assertions)]
+static SKEW_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
 #[cfg(debug_assertions)]
 fn skew_ms() -> i64 {
-    static SKEW: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    *SKEW.get_or_init(|| {
-        std::env::var("INFERD_FAULT_CLOCK_SKEW_SECS").ok().and_then(|v| v.parse::<i64>().ok()).unwrap_or(0)
-            * 1000
-    })
+    SKEW_MS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(not(debug_assertions))]
 fn skew_ms() -> i64 {
     0
+}
+
+/// Sets the wall clock to `unix` seconds now (debug builds; a no-op in release).
+pub fn set_fault_now(unix: i64) {
+    #[cfg(debug_assertions)]
+    {
+        let real = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        SKEW_MS.store(unix.saturating_mul(1000) - real, std::sync::atomic::Ordering::Relaxed);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = unix;
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's

@@ -146,9 +146,10 @@ pub fn internal_error() -> Response {
 }
 
 /// Fault injection for tests, debug builds only: with
-/// `INFERD_FAULT_INJECTION=1` in the environment, a request's
-/// `X-Inferd-Fault` header (`panic-handler`, `panic-stream`) makes it fail
-/// that way. Release builds ignore both.
+/// `INFERD_FAULT_INJECTION=1` in the environment, a generation request's
+/// `X-Inferd-Fault` header makes it fail (`panic-handler`, `panic-stream`)
+/// or sets the server's wall clock (`clock=<unix seconds>`). Release builds
+/// ignore both.
 pub mod fault {
     use axum::http::HeaderMap;
 

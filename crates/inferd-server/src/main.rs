@@ -1,29 +1,5 @@
 //! The `inferd` binary.
 
-mod admission;
-mod args;
-mod auth;
-mod clock;
-mod conn;
-mod cost;
-mod detok;
-mod drain;
-mod error;
-mod generate;
-mod limits;
-mod meter;
-mod openai;
-mod redact;
-mod request_id;
-mod responses;
-mod routes;
-mod sse;
-mod state;
-mod telemetry;
-mod tenants;
-mod usage;
-mod validate;
-
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,9 +10,10 @@ use inferd_exec::build_executor;
 use inferd_models::{load_text, resolve};
 use tracing_subscriber::EnvFilter;
 
-use crate::args::{Cli, Command, KeysCommand, LedgerDurability, ServeArgs};
-use crate::state::{AppState, Serving};
 use inferd_ledger::{Durability, Ledger};
+use inferd_server::args::{Cli, Command, KeysCommand, LedgerDurability, ServeArgs};
+use inferd_server::state::{AppState, Serving};
+use inferd_server::{admission, clock, conn, cost, drain, routes, state, telemetry, tenants};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

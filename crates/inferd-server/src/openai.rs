@@ -52,6 +52,8 @@ pub struct SamplingFields {
     pub min_tokens: Option<u32>,
     pub stop: Option<StringOrList>,
     pub stop_token_ids: Option<Vec<u32>>,
+    /// OpenAI's token id (as a string) to a bias in [-100, 100].
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
     #[serde(default)]
     pub ignore_eos: bool,
     #[serde(default)]

@@ -22,7 +22,6 @@ use crate::openai::{
 use crate::responses::{Envelope, Route, logprobs_json};
 use crate::state::{Phase, Serving, SharedState};
 use crate::tenants::Caller;
-use crate::validate::sampling_params;
 
 /// One route: its method and path (as the OpenAPI document names them),
 /// whether it needs an API key when tenants are configured, and its handler.
@@ -32,6 +31,12 @@ pub struct RouteSpec {
     pub authenticated: bool,
     /// The handler, mounted for a method.
     mount: Box<dyn FnOnce(MethodFilter) -> MethodRouter<SharedState>>,
+}
+
+impl std::fmt::Debug for RouteSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.method, self.path)
+    }
 }
 
 impl RouteSpec {
@@ -203,16 +208,12 @@ async fn completions(
         return Err(ApiError::invalid("echo is not supported", "echo"));
     }
     // Before tokenizing: a list of prompts is bounded by the waiting queue.
-    let count = match &req.prompt {
-        Prompt::Texts(v) => v.len(),
-        Prompt::TokenLists(v) => v.len(),
-        Prompt::Text(_) | Prompt::Tokens(_) => 1,
-    };
-    st.admission.check_fits(count.saturating_mul(req.sampling.n.unwrap_or(1) as usize), 0)?;
+    st.admission.check_fits(req.sequences(), 0)?;
     let tokenizer = serving.tokenizer.clone();
+    let prompt = req.prompt.clone();
     let prompts = blocking(move || {
         let encode = |s: &str| tokenizer.encode(s).map_err(|e| ApiError::invalid(e.to_string(), "prompt"));
-        match req.prompt {
+        match prompt {
             Prompt::Text(s) => Ok(vec![encode(&s)?]),
             Prompt::Texts(v) => v.iter().map(|s| encode(s)).collect(),
             Prompt::Tokens(t) => Ok(vec![t]),
@@ -226,24 +227,8 @@ async fn completions(
     for p in &prompts {
         check_tokens(serving, p)?;
     }
-    if req.logprobs.is_some_and(|k| k > inferd_core::MAX_LOGPROBS) {
-        return Err(ApiError::invalid(
-            format!(
-                "logprobs must be in [0, {}], got {}",
-                inferd_core::MAX_LOGPROBS,
-                req.logprobs.unwrap_or(0)
-            ),
-            "logprobs",
-        ));
-    }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let params = sampling_params(
-        &req.sampling,
-        req.sampling.max_tokens,
-        req.logprobs,
-        longest,
-        serving.max_model_len,
-    )?;
+    let params = req.params(longest, serving.max_model_len)?;
     run(&st, serving, Route::Completions, prompts, params, &req.sampling, ctx).await
 }
 
@@ -265,13 +250,8 @@ async fn chat_completions(
         None
     };
     let ctx = RequestCtx::new(caller, &headers, &req.sampling, kept_prompt, arrival)?;
-    let logprobs = match (req.logprobs, req.top_logprobs) {
-        (true, k) => Some(k.unwrap_or(0)),
-        (false, Some(_)) => {
-            return Err(ApiError::invalid("top_logprobs requires logprobs to be true", "top_logprobs"));
-        }
-        (false, None) => None,
-    };
+    // Refuse bad parameters before rendering and tokenizing.
+    req.params(0, usize::MAX)?;
     let st2 = st.clone();
     let messages = req.messages.clone();
     let prompt = blocking(move || {
@@ -280,8 +260,7 @@ async fn chat_completions(
         serving.tokenizer.encode(&text).map_err(|e| ApiError::invalid(e.to_string(), "messages"))
     })
     .await?;
-    let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let params = sampling_params(&req.sampling, max_tokens, logprobs, prompt.len(), serving.max_model_len)?;
+    let params = req.params(prompt.len(), serving.max_model_len)?;
     run(&st, serving, Route::Chat, vec![prompt], params, &req.sampling, ctx).await
 }
 
@@ -313,6 +292,9 @@ impl RequestCtx {
             .to_string();
         let fault = crate::conn::fault::requested(headers);
         assert!(fault != Some("panic-handler"), "injected fault: a panic in the handler");
+        if let Some(unix) = fault.and_then(|f| f.strip_prefix("clock=")).and_then(|t| t.parse().ok()) {
+            crate::clock::set_fault_now(unix);
+        }
         let panic_in_stream = fault == Some("panic-stream");
         Ok(RequestCtx { caller, request_id, feature, kept_prompt, arrival, panic_in_stream })
     }
@@ -360,6 +342,12 @@ async fn run(
     fields: &crate::openai::SamplingFields,
     ctx: RequestCtx,
 ) -> Result<Response, ApiError> {
+    if let Some(&(t, _)) = params.logit_bias.iter().find(|(t, _)| *t as usize >= serving.vocab_size) {
+        return Err(ApiError::invalid(
+            format!("logit_bias names token {t}, outside the vocabulary of {}", serving.vocab_size),
+            "logit_bias",
+        ));
+    }
     for p in &prompts {
         let need = p.len() + params.max_tokens as usize;
         if need > serving.kv_capacity_tokens {
@@ -594,6 +582,12 @@ async fn stats(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
         "prefix_cache_hit_tokens": s.prefix_hit_tokens.load(r),
         "engine_steps": s.steps.load(r),
         "generated_tokens": s.generated_tokens.load(r),
+        // What a client disconnect must give back: requests whose usage
+        // record is not yet queued, choices a client still waits on, and
+        // the async tasks alive in the runtime.
+        "open_requests": st.live_meters.load(r),
+        "open_choices": serving.open_choices.load(r),
+        "runtime_alive_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
     })))
 }
 

@@ -39,7 +39,7 @@ pub enum Phase {
 #[derive(Debug)]
 pub struct AppState {
     pub serving: OnceLock<Serving>,
-    pub(crate) phase: AtomicU8,
+    pub phase: AtomicU8,
     pub started: Instant,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// The engine counts as stalled when it has work but has not finished a
@@ -52,7 +52,7 @@ pub struct AppState {
     /// Set once the drain delay has passed: new API requests are refused.
     pub refusing: std::sync::atomic::AtomicBool,
     /// Replaced whole when the config is reloaded (SIGHUP).
-    pub(crate) tenants: std::sync::RwLock<Arc<crate::tenants::Tenants>>,
+    pub tenants: std::sync::RwLock<Arc<crate::tenants::Tenants>>,
     /// The usage ledger (absent only in unit tests).
     pub ledger: Option<Arc<inferd_ledger::Ledger>>,
     pub cost: Arc<crate::cost::CostTracker>,

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use inferd_core::SamplingParams;
+use inferd_core::{MAX_LOGPROBS, SamplingParams};
 
 use crate::error::ApiError;
-use crate::openai::SamplingFields;
+use crate::openai::{ChatRequest, CompletionRequest, Prompt, SamplingFields};
 
 /// The context-length refusal, with the limit in the message.
 pub fn context_error(max_model_len: usize, prompt: usize, completion: usize) -> ApiError {
@@ -17,6 +17,61 @@ pub fn context_error(max_model_len: usize, prompt: usize, completion: usize) -> 
         ),
         "max_tokens",
     )
+}
+
+impl CompletionRequest {
+    /// The sampling parameters of a completions request whose longest
+    /// prompt has `prompt_len` tokens.
+    pub fn params(&self, prompt_len: usize, max_model_len: usize) -> Result<SamplingParams, ApiError> {
+        if let Some(k) = self.logprobs.filter(|&k| k > MAX_LOGPROBS) {
+            return Err(ApiError::invalid(
+                format!("logprobs must be in [0, {MAX_LOGPROBS}], got {k}"),
+                "logprobs",
+            ));
+        }
+        sampling_params(&self.sampling, self.sampling.max_tokens, self.logprobs, prompt_len, max_model_len)
+    }
+
+    /// How many prompts the request holds.
+    pub fn prompt_count(&self) -> usize {
+        match &self.prompt {
+            Prompt::Texts(v) => v.len(),
+            Prompt::TokenLists(v) => v.len(),
+            Prompt::Text(_) | Prompt::Tokens(_) => 1,
+        }
+    }
+
+    /// How many sequences it asks for: `n` for each prompt.
+    pub fn sequences(&self) -> usize {
+        self.prompt_count().saturating_mul(self.sampling.n.unwrap_or(1) as usize)
+    }
+
+    /// The longest prompt's length in tokens if given as ids, else in
+    /// bytes (an upper bound on its tokens): for checks before tokenizing.
+    pub fn prompt_len_hint(&self) -> usize {
+        match &self.prompt {
+            Prompt::Text(s) => s.len(),
+            Prompt::Texts(v) => v.iter().map(String::len).max().unwrap_or(0),
+            Prompt::Tokens(t) => t.len(),
+            Prompt::TokenLists(v) => v.iter().map(Vec::len).max().unwrap_or(0),
+        }
+    }
+}
+
+impl ChatRequest {
+    /// The sampling parameters of a chat request whose rendered prompt has
+    /// `prompt_len` tokens.
+    pub fn params(&self, prompt_len: usize, max_model_len: usize) -> Result<SamplingParams, ApiError> {
+        let logprobs = match (self.logprobs, self.top_logprobs) {
+            (true, k) => Some(k.unwrap_or(0)),
+            (false, Some(_)) => {
+                return Err(ApiError::invalid("top_logprobs requires logprobs to be true", "top_logprobs"));
+            }
+            (false, None) => None,
+        };
+        let max_tokens = self.max_completion_tokens.or(self.sampling.max_tokens);
+        sampling_params(&self.sampling, max_tokens, logprobs, prompt_len, max_model_len)
+    }
 }
 
 /// The deadline of a request: its `timeout` field (seconds, positive),
@@ -60,6 +115,14 @@ pub fn sampling_params(
             ));
         }
     };
+    let mut logit_bias = Vec::new();
+    for (token, &bias) in f.logit_bias.iter().flatten() {
+        let token = token.parse::<u32>().map_err(|_| {
+            ApiError::invalid(format!("logit_bias keys must be token ids, got {token:?}"), "logit_bias")
+        })?;
+        logit_bias.push((token, bias));
+    }
+    logit_bias.sort_by_key(|&(t, _)| t);
     let d = SamplingParams::default();
     let params = SamplingParams {
         n: f.n.unwrap_or(1),
@@ -75,6 +138,7 @@ pub fn sampling_params(
         min_tokens: f.min_tokens.unwrap_or(0),
         stop: f.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
+        logit_bias,
         ignore_eos: f.ignore_eos,
         logprobs,
     };
