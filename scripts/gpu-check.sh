@@ -35,7 +35,9 @@ if [ -z "$libdirs" ]; then
 fi
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 bin=${TMPDIR:-/tmp}/inferd-gpu-check
-xz -dc "$bundle/inferd-gpu-check.xz" > "$bin" && chmod +x "$bin" || { echo "no bundle at $bundle: run make gpu-bundle"; echo "0 passed, 1 failed"; exit 1; }
+if ! { xz -dc "$bundle/inferd-gpu-check.xz" > "$bin" && chmod +x "$bin"; }; then
+    echo "no bundle at $bundle: run make gpu-bundle"; echo "0 passed, 1 failed"; exit 1
+fi
 echo "== libraries (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"
 ldd "$bin" | grep -E 'cuda|cublas|curand|nvrtc|not found'
 missing=$(ldd "$bin" | awk '/not found/ {print $1}' | tr '\n' ' ')

@@ -2,6 +2,7 @@
 
 mod api;
 mod backends;
+mod deploy;
 mod drain;
 mod errors;
 mod harness;

@@ -53,6 +53,7 @@ impl Drain {
     pub async fn run(self, state: SharedState) {
         signal().await;
         state.set_phase(Phase::Draining);
+        crate::notify::notify("STOPPING=1\nSTATUS=draining");
         tracing::info!(delay = ?self.delay, timeout = ?self.timeout, "draining: readiness now reports 503");
         tokio::spawn(async {
             signal().await;

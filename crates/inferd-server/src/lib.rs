@@ -15,6 +15,7 @@ pub mod fuzzing;
 pub mod generate;
 pub mod limits;
 pub mod meter;
+pub mod notify;
 pub mod openai;
 pub mod redact;
 pub mod request_id;

@@ -281,6 +281,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     telemetry::register_series(&model);
     state.serving.set(serving).map_err(|_| anyhow::anyhow!("model loaded twice"))?;
     state.set_phase(state::Phase::Ready);
+    // Under systemd (Type=notify): the model is loaded and warm.
+    inferd_server::notify::notify(&format!("READY=1\nSTATUS=serving {model} on {addr}"));
     // The ready line: tests and scripts read the bound address from it.
     println!("inferd listening on http://{addr} (model {model})");
     println!(
