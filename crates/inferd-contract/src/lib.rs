@@ -11,6 +11,7 @@
 //! - [`Capabilities`]: what a backend can run, which bounds what the
 //!   scheduler plans.
 //! - [`ModelExecutor`]: the trait every backend implements.
+//! - [`wire`]: the framed step protocol a worker process speaks.
 //!
 //! No candle and no tokio: the engine and the scheduler stay free of device
 //! types, and a worker in another language can speak the same messages.
@@ -20,6 +21,7 @@ mod device;
 mod error;
 mod input;
 mod output;
+pub mod wire;
 
 pub use caps::{Capabilities, PaddedShape, ShapeBuckets};
 pub use device::{DType, DeviceSpec};

@@ -6,7 +6,7 @@ use inferd_contract::{Capabilities, ExecError, Logits, ModelExecutor, ModelOutpu
 use inferd_core::{FinishReason, RequestId, SamplingParams, TokenId, Usage};
 use inferd_exec::sampler::{SampleContext, sample};
 use inferd_sched::{
-    SchedError, Scheduler, SchedulerConfig, SchedulerOutput, SchedulerStats, SequenceRequest,
+    SchedError, Scheduler, SchedulerConfig, SchedulerOutput, SchedulerStats, SequenceRequest, StepPolicy,
 };
 use thiserror::Error;
 use tracing::debug_span;
@@ -112,7 +112,11 @@ impl<E: ModelExecutor> EngineCore<E> {
             num_blocks: caps.num_blocks,
             enable_prefix_caching: cfg.enable_prefix_caching,
             eos_token_ids: eos_token_ids.clone(),
-            shape_buckets: caps.shape_buckets.as_ref().map(input::sched_buckets),
+            // A backend that reports compiled shapes runs only those.
+            policy: caps
+                .shape_buckets
+                .as_ref()
+                .map_or(StepPolicy::Mixed, |b| StepPolicy::Compiled(input::sched_buckets(b))),
         };
         Ok(EngineCore {
             scheduler: Scheduler::new(sched_cfg)?,

@@ -280,8 +280,21 @@ fn every_step_fits_a_compiled_shape_bucket() {
         let p = s.padded_shape.expect("every step is padded");
         assert!(buckets.contains(p), "{p:?} is not compiled");
         assert!(p.batch >= s.seq_ids.len() && p.tokens >= s.num_tokens);
+        // A compiled backend never gets a mixed step: a prefill step holds
+        // only sequences starting (whole prompts), a decode step one token each.
+        if s.started.is_empty() {
+            assert_eq!(s.num_tokens, s.seq_ids.len(), "decode: one token a sequence");
+        } else {
+            assert_eq!(s.started, s.seq_ids, "prefill: only starting sequences");
+        }
     }
-    assert!(log.steps.iter().any(|s| s.padded_shape == Some(PaddedShape { batch: 4, tokens: 32 })));
+    // The 30-token prompt was prefilled whole, in one step of 32.
+    assert!(log.steps.iter().any(|s| s.num_tokens == 30 && s.padded_shape.is_some_and(|p| p.tokens == 32)));
+    assert!(
+        log.steps
+            .iter()
+            .any(|s| s.started.is_empty() && s.padded_shape == Some(PaddedShape { batch: 4, tokens: 8 }))
+    );
 }
 
 /// Runs a mixed workload, greedy, some with logprobs and a stop token.

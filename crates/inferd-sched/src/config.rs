@@ -2,8 +2,8 @@ use inferd_core::TokenId;
 
 use crate::SchedError;
 
-/// Compiled shapes of a static-shape backend (Neuron): the scheduler keeps
-/// every step within the largest of each and reports the bucket it fits.
+/// Compiled shapes of a static-shape backend (Neuron): every step fits one
+/// batch size and one token count of these, and reports the bucket it pads to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShapeBuckets {
     /// Numbers of sequences per step the backend was compiled for, ascending.
@@ -22,6 +22,34 @@ impl ShapeBuckets {
     pub fn token_bucket(&self, n: usize) -> Option<usize> {
         self.token_counts.iter().copied().find(|&t| t >= n)
     }
+
+    /// The most tokens one step can hold: the longest prompt that can be
+    /// prefilled whole.
+    pub fn max_tokens(&self) -> usize {
+        self.token_counts.last().copied().unwrap_or(0)
+    }
+
+    /// The most sequences one step can hold.
+    pub fn max_batch(&self) -> usize {
+        self.batch_sizes.last().copied().unwrap_or(0)
+    }
+}
+
+/// How the scheduler shapes a step.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StepPolicy {
+    /// One token budget shared by running and waiting sequences: decodes
+    /// and prefill chunks in the same step, long prompts prefilled in
+    /// chunks, preemption by recompute when KV runs out (CPU, CUDA).
+    #[default]
+    Mixed,
+    /// Only compiled shapes run (Neuron): a step is all prefill or all
+    /// decode; a prompt is prefilled whole, less its prefix-cache hit, so it
+    /// must fit the largest token count; each step pads to the smallest
+    /// bucket that holds it; a sequence's KV for its whole length is
+    /// reserved when it is admitted, so nothing is ever preempted (a
+    /// recompute could outgrow every compiled shape).
+    Compiled(ShapeBuckets),
 }
 
 /// What bounds each step and the KV cache the scheduler hands out.
@@ -41,8 +69,8 @@ pub struct SchedulerConfig {
     pub enable_prefix_caching: bool,
     /// The model's end-of-sequence tokens.
     pub eos_token_ids: Vec<TokenId>,
-    /// Compiled shapes, for backends that only run those.
-    pub shape_buckets: Option<ShapeBuckets>,
+    /// How steps are shaped: mixed, or compiled shapes only.
+    pub policy: StepPolicy,
 }
 
 impl Default for SchedulerConfig {
@@ -55,7 +83,7 @@ impl Default for SchedulerConfig {
             num_blocks: 1024,
             enable_prefix_caching: true,
             eos_token_ids: Vec::new(),
-            shape_buckets: None,
+            policy: StepPolicy::Mixed,
         }
     }
 }
@@ -75,7 +103,7 @@ impl SchedulerConfig {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if let Some(b) = &self.shape_buckets {
+        if let StepPolicy::Compiled(b) = &self.policy {
             for (name, list) in [("batch_sizes", &b.batch_sizes), ("token_counts", &b.token_counts)] {
                 if list.is_empty() || list.contains(&0) || !list.is_sorted_by(|a, b| a < b) {
                     return bad(format!("{name} must be positive and strictly ascending, got {list:?}"));
@@ -85,16 +113,23 @@ impl SchedulerConfig {
         Ok(())
     }
 
+    /// The compiled shapes, under the compiled policy.
+    pub fn buckets(&self) -> Option<&ShapeBuckets> {
+        match &self.policy {
+            StepPolicy::Mixed => None,
+            StepPolicy::Compiled(b) => Some(b),
+        }
+    }
+
     /// The step's token budget, within the largest compiled token count.
     pub(crate) fn token_budget(&self) -> usize {
-        let cap = self.shape_buckets.as_ref().and_then(|b| b.token_counts.last().copied());
-        cap.map_or(self.max_num_batched_tokens, |c| c.min(self.max_num_batched_tokens))
+        self.buckets()
+            .map_or(self.max_num_batched_tokens, |b| b.max_tokens().min(self.max_num_batched_tokens))
     }
 
     /// Most sequences per step, within the largest compiled batch.
     pub(crate) fn seq_limit(&self) -> usize {
-        let cap = self.shape_buckets.as_ref().and_then(|b| b.batch_sizes.last().copied());
-        cap.map_or(self.max_num_seqs, |c| c.min(self.max_num_seqs))
+        self.buckets().map_or(self.max_num_seqs, |b| b.max_batch().min(self.max_num_seqs))
     }
 }
 
@@ -110,7 +145,7 @@ mod tests {
             "invalid scheduler config: max_num_seqs must be positive"
         );
         let cfg = SchedulerConfig {
-            shape_buckets: Some(ShapeBuckets { batch_sizes: vec![4, 2], token_counts: vec![128] }),
+            policy: StepPolicy::Compiled(ShapeBuckets { batch_sizes: vec![4, 2], token_counts: vec![128] }),
             ..Default::default()
         };
         assert!(cfg.validate().is_err());
@@ -121,12 +156,15 @@ mod tests {
         let cfg = SchedulerConfig {
             max_num_seqs: 64,
             max_num_batched_tokens: 512,
-            shape_buckets: Some(ShapeBuckets { batch_sizes: vec![1, 4, 8], token_counts: vec![64, 256] }),
+            policy: StepPolicy::Compiled(ShapeBuckets {
+                batch_sizes: vec![1, 4, 8],
+                token_counts: vec![64, 256],
+            }),
             ..Default::default()
         };
         assert_eq!(cfg.token_budget(), 256);
         assert_eq!(cfg.seq_limit(), 8);
-        let b = cfg.shape_buckets.as_ref().unwrap();
+        let b = cfg.buckets().unwrap();
         assert_eq!(b.batch_bucket(3), Some(4));
         assert_eq!(b.token_bucket(65), Some(256));
         assert_eq!(b.token_bucket(257), None);

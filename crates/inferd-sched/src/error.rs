@@ -16,6 +16,10 @@ pub enum SchedError {
     TooLong { prompt_tokens: usize, max_tokens: usize, max_model_len: usize },
     #[error("the request needs {needed} KV blocks but the whole cache has {total}")]
     NeverFits { needed: usize, total: usize },
+    #[error(
+        "the prompt has {prompt_tokens} tokens, but this model was compiled for prompts of at most {max_prompt_tokens} tokens"
+    )]
+    PromptOverCompiled { prompt_tokens: usize, max_prompt_tokens: usize },
     #[error("no sampled token for {0}, which finished its prefill this step")]
     MissingSample(RequestId),
     #[error("{got} sampled tokens for a step that scheduled {expected} sequences")]

@@ -2,7 +2,9 @@
 //! budget shared by running and waiting sequences, with no prefill or decode
 //! phases. Chunked prefill falls out of `min(remaining, budget)`, prefix-cache
 //! hits count as computed tokens, and a step that runs out of KV blocks
-//! preempts the most recently admitted sequence by recompute.
+//! preempts the most recently admitted sequence by recompute. Backends that
+//! run only compiled shapes get [`StepPolicy::Compiled`] instead: whole
+//! prefills or decodes, padded to a bucket, KV reserved up front.
 //!
 //! The scheduler knows tokens, blocks and budgets, never a tensor.
 
@@ -13,7 +15,7 @@ mod scheduler;
 mod sequence;
 mod waiting;
 
-pub use config::{SchedulerConfig, ShapeBuckets};
+pub use config::{SchedulerConfig, ShapeBuckets, StepPolicy};
 pub use error::SchedError;
 pub use output::{NewSeq, PaddedShape, RunningSeq, SchedulerOutput, SeqUpdate};
 pub use scheduler::{Scheduler, SchedulerStats};

@@ -7,7 +7,7 @@ use inferd_kv::{BlockPool, PoolStats, blocks_for};
 use crate::waiting::WaitingQueue;
 use crate::{
     NewSeq, PaddedShape, RunningSeq, SchedError, SchedulerConfig, SchedulerOutput, SeqStatus, SeqUpdate,
-    Sequence, SequenceRequest,
+    Sequence, SequenceRequest, StepPolicy,
 };
 
 /// Request ids are already unique integers: mix them once instead of SipHash.
@@ -110,6 +110,14 @@ impl Scheduler {
                 max_model_len: self.config.max_model_len,
             });
         }
+        if let Some(b) = self.config.buckets()
+            && req.prompt.len() > self.config.token_budget()
+        {
+            return Err(SchedError::PromptOverCompiled {
+                prompt_tokens: req.prompt.len(),
+                max_prompt_tokens: b.max_tokens().min(self.config.max_num_batched_tokens),
+            });
+        }
         // The last sampled token never needs KV, hence `max_len - 1`.
         let needed = blocks_for(max_len - 1, self.config.block_size);
         if needed > self.config.num_blocks {
@@ -135,20 +143,32 @@ impl Scheduler {
         Some(seq)
     }
 
-    /// Plans one step: running sequences first, then waiting ones, within one
-    /// token budget and the batch limit.
+    /// Plans one step as the policy shapes it. Mixed: running sequences
+    /// first, then waiting ones, within one token budget and the batch
+    /// limit. Compiled: a prefill of whole prompts when a sequence waits
+    /// and fits, else a decode of every running sequence.
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput {
             finished_ids: std::mem::take(&mut self.finished_since_last_step),
             ..Default::default()
         };
         let mut budget = self.config.token_budget();
-        self.schedule_running(&mut budget, &mut out);
-        if out.preempted_ids.is_empty() {
-            self.schedule_waiting(&mut budget, &mut out);
+        match &self.config.policy {
+            StepPolicy::Mixed => {
+                self.schedule_running(&mut budget, &mut out);
+                if out.preempted_ids.is_empty() {
+                    self.schedule_waiting(&mut budget, &mut out, false);
+                }
+            }
+            StepPolicy::Compiled(_) => {
+                self.schedule_waiting(&mut budget, &mut out, true);
+                if out.new_seqs.is_empty() {
+                    self.schedule_running(&mut budget, &mut out);
+                }
+            }
         }
         out.num_scheduled_tokens = self.config.token_budget() - budget;
-        out.padded_shape = self.config.shape_buckets.as_ref().and_then(|b| {
+        out.padded_shape = self.config.buckets().and_then(|b| {
             Some(PaddedShape {
                 batch: b.batch_bucket(out.num_seqs())?,
                 tokens: b.token_bucket(out.num_scheduled_tokens)?,
@@ -197,7 +217,13 @@ impl Scheduler {
         out.preempted_ids.push(id);
     }
 
-    fn schedule_waiting(&mut self, budget: &mut usize, out: &mut SchedulerOutput) {
+    /// Admits waiting sequences in queue order until one does not fit the
+    /// budget, the batch or the KV cache. Mixed: a prompt may be cut to the
+    /// budget (chunked prefill) and gets blocks for what runs now. `whole`
+    /// (compiled): only a whole remaining prompt, with blocks reserved for
+    /// everything the sequence can ever hold, so decode never needs one
+    /// that is not there.
+    fn schedule_waiting(&mut self, budget: &mut usize, out: &mut SchedulerOutput, whole: bool) {
         let seq_limit = self.config.seq_limit();
         while *budget > 0 && self.running.len() < seq_limit {
             let Some(id) = self.waiting.front() else { break };
@@ -209,8 +235,13 @@ impl Scheduler {
                 hit = self.pool.match_prefix(table, &tokens[..tokens.len() - 1]);
                 seq.num_computed_tokens = hit;
             }
-            let num_new = seq.num_uncomputed().min(*budget);
-            if self.pool.grow(&mut seq.block_table, seq.num_computed_tokens + num_new).is_err() {
+            let (num_new, reserve) = if whole {
+                (seq.num_uncomputed(), seq.prompt().len() + seq.params.max_tokens as usize - 1)
+            } else {
+                let n = seq.num_uncomputed().min(*budget);
+                (n, seq.num_computed_tokens + n)
+            };
+            if num_new > *budget || self.pool.grow(&mut seq.block_table, reserve).is_err() {
                 self.pool.release(&mut seq.block_table);
                 seq.num_computed_tokens = 0;
                 break;

@@ -1,7 +1,8 @@
 use inferd_core::{FinishReason, RequestId, SamplingParams, TokenId};
 
 use crate::{
-    NewSeq, SchedError, Scheduler, SchedulerConfig, SchedulerOutput, SeqUpdate, SequenceRequest, ShapeBuckets,
+    NewSeq, SchedError, Scheduler, SchedulerConfig, SchedulerOutput, SeqUpdate, SequenceRequest,
+    ShapeBuckets, StepPolicy,
 };
 
 const EOS: TokenId = 2;
@@ -15,7 +16,7 @@ fn config() -> SchedulerConfig {
         num_blocks: 64,
         enable_prefix_caching: true,
         eos_token_ids: vec![EOS],
-        shape_buckets: None,
+        policy: StepPolicy::Mixed,
     }
 }
 
@@ -276,20 +277,95 @@ fn higher_priority_waits_less() {
     assert_eq!(out.new_seqs[0].id, RequestId(2));
 }
 
+fn compiled(batch_sizes: Vec<usize>, token_counts: Vec<usize>) -> SchedulerConfig {
+    SchedulerConfig { policy: StepPolicy::Compiled(ShapeBuckets { batch_sizes, token_counts }), ..config() }
+}
+
 #[test]
-fn shape_buckets_bound_the_step_and_report_its_padding() {
-    let buckets = ShapeBuckets { batch_sizes: vec![1, 2, 4], token_counts: vec![8, 16] };
-    let mut s = Scheduler::new(SchedulerConfig { shape_buckets: Some(buckets), ..config() }).unwrap();
-    for id in 0..6 {
-        s.add(req(id, prompt(3, id as u32 * 10), params(4))).unwrap();
+fn compiled_steps_are_whole_prefills_or_decodes_padded_to_a_bucket() {
+    let mut s = Scheduler::new(compiled(vec![1, 2, 4], vec![8, 16])).unwrap();
+    // Prompts of 3, 7, 10 and 3 tokens; the largest step holds 16.
+    for (id, len) in [(0, 3), (1, 7), (2, 10), (3, 3)] {
+        s.add(req(id, prompt(len, id as u32 * 20), params(4))).unwrap();
     }
     let (out, _) = step(&mut s, 7);
-    assert_eq!(out.num_seqs(), 4, "within the largest batch bucket");
-    assert_eq!(out.num_scheduled_tokens, 12);
-    assert_eq!(out.padded_shape.map(|p| (p.batch, p.tokens)), Some((4, 16)));
+    // 3 + 7 fit; 10 more would not, and a prompt is never split.
+    assert_eq!(out.new_seqs.iter().map(|n| n.num_scheduled_tokens).collect::<Vec<_>>(), [3, 7]);
+    assert!(out.running_seqs.is_empty());
+    assert_eq!(out.padded_shape.map(|p| (p.batch, p.tokens)), Some((2, 16)));
+    // Someone still waits and fits: another prefill, not a decode.
     let (out, _) = step(&mut s, 7);
-    assert_eq!(out.num_scheduled_tokens, 4);
+    assert_eq!(
+        out.new_seqs.iter().map(|n| (n.id.0, n.num_scheduled_tokens)).collect::<Vec<_>>(),
+        [(2, 10), (3, 3)]
+    );
+    assert!(out.running_seqs.is_empty(), "never a mixed step");
+    assert_eq!(out.padded_shape.map(|p| (p.batch, p.tokens)), Some((2, 16)));
+    // Nobody waits: a decode of all four, one token each.
+    let (out, _) = step(&mut s, 7);
+    assert!(out.new_seqs.is_empty());
+    assert_eq!(out.running_seqs.len(), 4);
+    assert!(out.running_seqs.iter().all(|r| r.num_scheduled_tokens == 1));
     assert_eq!(out.padded_shape.map(|p| (p.batch, p.tokens)), Some((4, 8)));
+}
+
+#[test]
+fn compiled_refuses_prompts_no_step_can_hold_and_keeps_the_batch_limit() {
+    let mut s = Scheduler::new(compiled(vec![1, 2], vec![8, 16])).unwrap();
+    assert_eq!(
+        s.add(req(1, prompt(17, 0), params(4))),
+        Err(SchedError::PromptOverCompiled { prompt_tokens: 17, max_prompt_tokens: 16 })
+    );
+    for id in 0..3 {
+        s.add(req(id, prompt(2, id as u32 * 10), params(3))).unwrap();
+    }
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(out.num_seqs(), 2, "the largest compiled batch");
+    let (out, _) = step(&mut s, 7);
+    assert_eq!((out.new_seqs.len(), out.running_seqs.len()), (0, 2), "full: decode");
+}
+
+#[test]
+fn compiled_reserves_kv_for_the_whole_length_and_never_preempts() {
+    // 8 blocks of 4 tokens. Each request may reach 4 + 12 = 16 tokens, so
+    // reserving 15 tokens (4 blocks) for each admits two at a time.
+    let cfg =
+        SchedulerConfig { num_blocks: 8, enable_prefix_caching: false, ..compiled(vec![1, 2, 4], vec![16]) };
+    let mut s = Scheduler::new(cfg).unwrap();
+    for id in 0..3 {
+        s.add(req(id, prompt(4, id as u32 * 10), params(12))).unwrap();
+    }
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(out.new_seqs.len(), 2, "the third's whole length does not fit beside them");
+    assert_eq!(s.stats().kv.free, 0);
+    // Eleven decodes to finish both; the third waits, nothing is preempted.
+    let mut finished = 0;
+    for _ in 0..11 {
+        let (out, updates) = step(&mut s, 7);
+        assert!(out.preempted_ids.is_empty() && out.new_seqs.is_empty());
+        finished += updates.iter().filter(|u| u.finished.is_some()).count();
+    }
+    assert_eq!(finished, 2);
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(
+        out.new_seqs.iter().map(|n| n.id.0).collect::<Vec<_>>(),
+        [2],
+        "admitted once blocks came back"
+    );
+}
+
+#[test]
+fn compiled_prefills_only_what_the_prefix_cache_lacks() {
+    let mut s = Scheduler::new(compiled(vec![1, 2], vec![8, 16])).unwrap();
+    s.add(req(1, prompt(12, 0), params(2))).unwrap();
+    step(&mut s, 7);
+    step(&mut s, 7);
+    // Same 12-token prompt: two full blocks (8 tokens) come from the cache.
+    s.add(req(2, prompt(12, 0), params(2))).unwrap();
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(out.new_seqs[0].num_computed_tokens, 8);
+    assert_eq!(out.new_seqs[0].num_scheduled_tokens, 4);
+    assert_eq!(out.padded_shape.map(|p| (p.batch, p.tokens)), Some((1, 8)));
 }
 
 #[test]

@@ -39,7 +39,7 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
             num_blocks,
             enable_prefix_caching: caching,
             eos_token_ids: vec![EOS],
-            shape_buckets: None,
+            policy: inferd_sched::StepPolicy::Mixed,
         },
     )
 }

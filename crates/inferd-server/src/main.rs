@@ -222,6 +222,12 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<Serving> {
         max_model_len: caps.max_model_len,
         vocab_size: caps.vocab_size,
         kv_capacity_tokens: caps.kv_capacity_tokens(),
+        // A compiled backend prefills a prompt whole, in one step.
+        max_prompt_tokens: caps
+            .shape_buckets
+            .as_ref()
+            .and_then(|b| b.token_counts.last())
+            .map(|&t| t.min(args.max_num_batched_tokens)),
         open_choices: Default::default(),
         tokenizer: Arc::new(tokenizer),
         chat_template,

@@ -349,6 +349,7 @@ async fn run(
         ));
     }
     for p in &prompts {
+        crate::validate::check_compiled_prompt(p.len(), serving.max_prompt_tokens)?;
         let need = p.len() + params.max_tokens as usize;
         if need > serving.kv_capacity_tokens {
             return Err(ApiError::invalid(

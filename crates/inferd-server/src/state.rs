@@ -21,6 +21,9 @@ pub struct Serving {
     pub vocab_size: usize,
     /// Tokens the whole KV cache holds.
     pub kv_capacity_tokens: usize,
+    /// The longest prompt a compiled-shape backend can prefill (its largest
+    /// compiled token count); `None` when prompts are prefilled in chunks.
+    pub max_prompt_tokens: Option<usize>,
     /// Sequences a client is still waiting on (draining waits for these).
     pub open_choices: Arc<std::sync::atomic::AtomicUsize>,
 }

@@ -74,6 +74,20 @@ impl ChatRequest {
     }
 }
 
+/// Refuses a prompt longer than a compiled-shape backend can prefill in
+/// one step (`max`: its largest compiled token count), naming the limit.
+pub fn check_compiled_prompt(prompt_len: usize, max: Option<usize>) -> Result<(), ApiError> {
+    match max {
+        Some(max) if prompt_len > max => Err(ApiError::invalid(
+            format!(
+                "This model was compiled for prompts of at most {max} tokens (its largest compiled step); this prompt has {prompt_len} tokens."
+            ),
+            "prompt",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The deadline of a request: its `timeout` field (seconds, positive),
 /// capped by the server's `--request-timeout`.
 pub fn request_timeout(field: Option<f64>, server: Duration) -> Result<Duration, ApiError> {
@@ -189,5 +203,18 @@ mod tests {
             let err = request_timeout(Some(bad), server).unwrap_err();
             assert!(err.message().starts_with("timeout must be a positive"), "{bad}: {}", err.message());
         }
+    }
+
+    #[test]
+    fn compiled_backends_refuse_prompts_they_cannot_prefill_whole() {
+        assert!(check_compiled_prompt(10_000, None).is_ok(), "chunked prefill takes any length");
+        assert!(check_compiled_prompt(512, Some(512)).is_ok());
+        let err = check_compiled_prompt(513, Some(512)).unwrap_err();
+        assert!(
+            err.message().contains("at most 512 tokens") && err.message().contains("513"),
+            "{}",
+            err.message()
+        );
+        assert_eq!(err.body()["error"]["param"], "prompt");
     }
 }
