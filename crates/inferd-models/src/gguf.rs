@@ -20,7 +20,6 @@ pub struct GgufFile<R = BufReader<File>> {
     pub content: gguf_file::Content,
     reader: R,
     path: PathBuf,
-    len: u64,
 }
 
 impl GgufFile {
@@ -50,15 +49,14 @@ impl<R: Read + Seek> GgufFile<R> {
         for (name, info) in &content.tensor_infos {
             check_tensor_info(name, info, content.tensor_data_offset, len).map_err(format)?;
         }
-        Ok(GgufFile { content, reader, path: path.into(), len })
+        Ok(GgufFile { content, reader, path: path.into() })
     }
 
+    /// A tensor whose extent `from_reader` already checked.
     fn qtensor(&mut self, name: &str, device: &Device) -> Result<QTensor> {
         let Some(info) = self.content.tensor_infos.get(name) else {
             return Err(ModelError::Format { path: self.path.clone(), reason: format!("no tensor {name}") });
         };
-        check_tensor_info(name, info, self.content.tensor_data_offset, self.len)
-            .map_err(|reason| ModelError::Format { path: self.path.clone(), reason })?;
         Ok(info.read(&mut self.reader, self.content.tensor_data_offset, device)?)
     }
 

@@ -110,12 +110,11 @@ impl Scheduler {
                 max_model_len: self.config.max_model_len,
             });
         }
-        if let Some(b) = self.config.buckets()
-            && req.prompt.len() > self.config.token_budget()
-        {
+        // A compiled step prefills a prompt whole, within one token budget.
+        if self.config.buckets().is_some() && req.prompt.len() > self.config.token_budget() {
             return Err(SchedError::PromptOverCompiled {
                 prompt_tokens: req.prompt.len(),
-                max_prompt_tokens: b.max_tokens().min(self.config.max_num_batched_tokens),
+                max_prompt_tokens: self.config.token_budget(),
             });
         }
         // The last sampled token never needs KV, hence `max_len - 1`.
