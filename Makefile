@@ -6,7 +6,7 @@ CARGO ?= cargo
 # build in target/ is never overwritten by a native one.
 NATIVE_TARGET_DIR ?= target/native
 
-.PHONY: test fmt-check clippy unit bench fmt model venv serve build cuda-toolkit cuda-check gpu-bundle fuzz faults \
+.PHONY: test fmt-check clippy unit bench fmt model venv serve build cuda-toolkit cuda-check neuron-check gpu-bundle fuzz faults \
 	deploy-check lint-tools test-cluster cluster-check
 
 PYTHON ?= python3
@@ -32,7 +32,7 @@ build:
 
 ## test: everything CI runs (format check, clippy with warnings denied, all
 ## tests, and the CUDA code compiled and type-checked without a GPU)
-test: model venv fmt-check clippy deploy-check unit cluster-check cuda-check
+test: model venv fmt-check clippy deploy-check neuron-check unit cluster-check cuda-check
 
 ## venv: a Python virtual environment with the pinned openai and schemathesis packages
 venv: $(VENV)/.openai-$(OPENAI_VERSION)-schemathesis-$(SCHEMATHESIS_VERSION)
@@ -80,6 +80,10 @@ clippy:
 
 unit:
 	$(CARGO) test --workspace --locked
+
+## neuron-check: the Neuron worker's host side and compile plan, without the Neuron SDK
+neuron-check:
+	cd neuron && $(PYTHON) -m unittest -q test_neuron
 
 ## bench: the criterion suites, built with -C target-cpu=native
 bench:

@@ -52,6 +52,13 @@ rm -f /etc/systemd/system/inferd.service.d/cuda.conf /etc/systemd/system/inferd.
 if [ "$backend" != cpu ]; then
     install -m 0644 "$here/systemd/inferd.service.d-$backend/$backend.conf" /etc/systemd/system/inferd.service.d/
 fi
+if [ "$backend" = neuron ]; then
+    # The step worker; the compiled model (neuron/compile.py's output) goes
+    # into /opt/inferd/compiled, and INFERD_MODEL should name its Hugging
+    # Face folder (config and tokenizer).
+    install -d -m 0755 /opt/inferd/neuron /opt/inferd/compiled
+    install -m 0644 "$here/../neuron/protocol.py" "$here/../neuron/worker.py" "$here/../neuron/compile.py" /opt/inferd/neuron/
+fi
 
 # Log rotation of the JSON log (the service appends; copytruncate keeps its fd valid).
 cat > /etc/logrotate.d/inferd <<'ROTATE'

@@ -7,7 +7,7 @@ Usage: python3 neuron/fake_worker.py MANIFEST.json   (speaks on stdin/stdout)
 
 The manifest (what a real worker would read from its compiled artifacts)
 is given as a file. The fake enforces what a compiled model would: every
-step's padded shape is a compiled bucket, a sequence is decoded only after
+step is padded to exactly a compiled bucket (protocol.check_step), a sequence is decoded only after
 its prefill and at the next position, and nothing runs past max_model_len.
 The token it samples for a row is (token * 31 + position * 7 + 1) % vocab.
 """
@@ -25,9 +25,7 @@ def make_step(manifest):
     context = {}  # sequence id -> tokens it holds
 
     def run_step(inp):
-        shape = inp.get("padded_shape")
-        if not shape or shape["batch"] not in buckets["batch_sizes"] or shape["tokens"] not in buckets["token_counts"]:
-            raise ValueError(f"step shape {shape} is not a compiled bucket")
+        protocol.check_step(inp, buckets)
         for sid in inp.get("finished", []) + inp.get("preempted", []):
             context.pop(sid, None)
         starts = inp["query_start"]

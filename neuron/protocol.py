@@ -14,6 +14,8 @@ import struct
 PROTOCOL_VERSION = 1
 MAX_FRAME = 64 << 20
 MAGIC = b"IFDW"
+PAD_TOKEN = 0
+PAD_SLOT = 0xFFFFFFFF
 
 
 class ProtocolError(Exception):
@@ -22,6 +24,38 @@ class ProtocolError(Exception):
 
 class Closed(Exception):
     """The stream ended before a frame began."""
+
+
+class HardwareError(Exception):
+    """The device failed: answered `hardware`, so inferd takes the instance
+    out of service."""
+
+
+COMPILED_FILE = "inferd-compiled.json"
+
+
+def manifest_from_compiled(compiled):
+    """The manifest a worker answers hello with, from the inferd-compiled.json
+    that compile.py writes (mirrors CompiledModel::manifest in
+    crates/inferd-exec/src/neuron/standin.rs)."""
+    dtype = compiled["dtype"]
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "model": compiled["model"],
+        "kv_layout": compiled["kv_layout"],
+        "capabilities": {
+            "device": "neuron",
+            "block_size": compiled["block_size"],
+            "num_blocks": compiled["num_blocks"],
+            "max_model_len": compiled["max_model_len"],
+            "vocab_size": compiled["vocab_size"],
+            "compute_dtype": dtype,
+            "supported_dtypes": [dtype],
+            "kv_dtype": dtype,
+            "shape_buckets": {"batch_sizes": compiled["batch_sizes"], "token_counts": compiled["token_counts"]},
+            "device_sampling": {"max_top_k": compiled["max_top_k"]},
+        },
+    }
 
 
 def _read_exact(stream, n):
@@ -66,6 +100,37 @@ def write_frame(stream, msg):
     stream.flush()
 
 
+def check_step(step, buckets):
+    """Checks a padded step (crates/inferd-contract/src/padded.rs) against
+    the compiled buckets: its shape is exactly one of them, every array has
+    that shape, and padding is padding. Returns the number of real
+    sequences. Raises ValueError (answered as `refused`) otherwise."""
+    shape = step.get("shape") or {}
+    batch, tokens = shape.get("batch"), shape.get("tokens")
+    if batch not in buckets["batch_sizes"] or tokens not in buckets["token_counts"]:
+        raise ValueError(f"step shape {batch}x{tokens} is not a compiled bucket")
+    width = step["max_blocks_per_seq"]
+    for name, want in (("token_ids", tokens), ("positions", tokens), ("slot_mapping", tokens),
+                       ("query_start", batch + 1), ("context_lens", batch), ("block_tables", batch * width)):
+        if len(step[name]) != want:
+            raise ValueError(f"{name} has {len(step[name])} entries; the bucket {batch}x{tokens} needs {want}")
+    real = len(step["seq_ids"])
+    if not 0 < real <= batch:
+        raise ValueError(f"{real} sequences in a bucket of batch {batch}")
+    used = step["query_start"][real]
+    if (any(q != used for q in step["query_start"][real:])
+            or any(step["context_lens"][real:])
+            or any(step["block_tables"][real * width:])
+            or any(t != PAD_TOKEN for t in step["token_ids"][used:])
+            or any(step["positions"][used:])
+            or any(x != PAD_SLOT for x in step["slot_mapping"][used:])):
+        raise ValueError("padding rows and positions must be empty")
+    if step["phase"] == "decode" and any(
+            step["query_start"][s + 1] - step["query_start"][s] != 1 for s in range(real)):
+        raise ValueError("a decode step runs one token per sequence")
+    return real
+
+
 def failed(step, kind, message):
     """A `failed` message; kind is "refused", "hardware" or "internal"."""
     return {"type": "failed", "step": step, "kind": kind, "message": message}
@@ -102,6 +167,12 @@ def serve(stream_in, stream_out, manifest, run_step):
             tokens = run_step(msg["input"])
         except ValueError as e:
             write_frame(stream_out, failed(step, "refused", str(e)))
+            continue
+        except HardwareError as e:
+            write_frame(stream_out, failed(step, "hardware", str(e)))
+            continue
+        except Exception as e:  # noqa: BLE001 - any other failure is reported, then inferd restarts us
+            write_frame(stream_out, failed(step, "internal", f"{type(e).__name__}: {e}"))
             continue
         write_frame(stream_out, {"type": "done", "step": step,
                                  "output": {"Sampled": [{"token": t, "logprobs": None} for t in tokens]}})

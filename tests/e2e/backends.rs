@@ -37,12 +37,23 @@ fn serve_expecting_exit(flags: &[&str]) -> (std::process::ExitStatus, String) {
 }
 
 #[test]
-fn backends_missing_from_the_build_are_refused_naming_their_feature() {
-    for (device, feature) in [("cuda", "`cuda`"), ("cuda:1", "`cuda`"), ("neuron", "`neuron`")] {
+fn backends_missing_from_the_build_or_their_worker_are_refused_saying_why() {
+    for device in ["cuda", "cuda:1"] {
         let (status, stderr) = serve_expecting_exit(&["--device", device]);
         assert!(!status.success(), "--device {device} must not start");
-        assert!(stderr.contains(feature) && stderr.contains("--features"), "--device {device}: {stderr}");
+        assert!(stderr.contains("`cuda`") && stderr.contains("--features"), "--device {device}: {stderr}");
     }
+    let (status, stderr) = serve_expecting_exit(&["--device", "neuron"]);
+    assert!(!status.success());
+    assert!(stderr.contains("--neuron-model-dir"), "{stderr}");
+    // A worker speaking another protocol version stops the start with a clear error.
+    let dir = crate::neuron::compiled_dir();
+    let worker = format!("{} neuron-standin --claim-protocol 0", env!("CARGO_BIN_EXE_inferd"));
+    let flags =
+        ["--device", "neuron", "--neuron-model-dir", dir.to_str().unwrap(), "--neuron-worker", &worker];
+    let (status, stderr) = serve_expecting_exit(&flags);
+    assert!(!status.success());
+    assert!(stderr.contains("the worker speaks protocol 0, inferd speaks 1"), "{stderr}");
     let (status, stderr) = serve_expecting_exit(&["--device", "tpu"]);
     assert!(!status.success());
     assert!(stderr.contains("unknown device \"tpu\""), "{stderr}");

@@ -118,6 +118,10 @@ impl Server {
         Server { child, base, ledger }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

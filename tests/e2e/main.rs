@@ -8,6 +8,7 @@ mod errors;
 mod harness;
 mod hostile;
 mod ledger;
+mod neuron;
 mod openai_sdk;
 mod ops;
 mod overload;

@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
 
+use inferd_core::SamplingParams;
+
 use crate::{DType, DeviceSpec};
 
 /// Shapes a static-shape backend (Neuron) was compiled for. It runs only
@@ -56,11 +58,65 @@ pub struct Capabilities {
     pub kv_dtype: DType,
     /// Compiled shapes, for static-shape backends; `None` runs any shape.
     pub shape_buckets: Option<ShapeBuckets>,
-    /// True when `execute` returns sampled tokens rather than logits.
-    pub samples_on_device: bool,
+    /// Set when `execute` returns sampled tokens rather than logits: what
+    /// the device's sampler supports. Requests asking for more are refused.
+    #[serde(default)]
+    pub device_sampling: Option<DeviceSampling>,
+}
+
+/// The sampling a backend that samples on its device (Neuron) supports:
+/// temperature, top-p, top-k up to `max_top_k` (always applied: without a
+/// `top_k` the draw is from the `max_top_k` most likely tokens, as NxDI's
+/// `global_topk` does), and seeds. No penalties, logit bias, min-p,
+/// min_tokens or logprobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSampling {
+    pub max_top_k: u32,
+}
+
+impl DeviceSampling {
+    /// The first parameter of `p` this sampler cannot honour, as the
+    /// request names it, with the reason.
+    pub fn refuses(&self, p: &SamplingParams) -> Option<(&'static str, String)> {
+        let device = "this model samples on its device";
+        let unsupported = [
+            ("logprobs", p.logprobs.is_some()),
+            ("repetition_penalty", p.repetition_penalty != 1.0),
+            ("frequency_penalty", p.frequency_penalty != 0.0),
+            ("presence_penalty", p.presence_penalty != 0.0),
+            ("logit_bias", !p.logit_bias.is_empty()),
+            ("min_p", p.min_p != 0.0),
+            ("min_tokens", p.min_tokens != 0),
+        ];
+        if let Some((name, _)) = unsupported.into_iter().find(|(_, used)| *used) {
+            return Some((
+                name,
+                format!(
+                    "{name} is not supported: {device}, which supports temperature, top_p, top_k (at most {}) and seed",
+                    self.max_top_k
+                ),
+            ));
+        }
+        match p.top_k {
+            Some(k) if k > self.max_top_k => {
+                Some(("top_k", format!("top_k must be at most {}: {device}", self.max_top_k)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The top-k the device applies for `p`.
+    pub fn effective_top_k(&self, p: &SamplingParams) -> u32 {
+        p.top_k.map_or(self.max_top_k, |k| k.min(self.max_top_k))
+    }
 }
 
 impl Capabilities {
+    /// True when `execute` returns sampled tokens rather than logits.
+    pub fn samples_on_device(&self) -> bool {
+        self.device_sampling.is_some()
+    }
+
     /// Tokens the whole KV cache holds.
     pub fn kv_capacity_tokens(&self) -> usize {
         self.num_blocks * self.block_size
@@ -81,5 +137,24 @@ mod tests {
         assert!(unsorted.validate().unwrap_err().contains("batch_sizes"));
         let zero = ShapeBuckets { batch_sizes: vec![1], token_counts: vec![0, 8] };
         assert!(zero.validate().unwrap_err().contains("token_counts"));
+    }
+
+    #[test]
+    fn device_samplers_refuse_what_they_cannot_do_by_name() {
+        let d = DeviceSampling { max_top_k: 256 };
+        let plain = SamplingParams { temperature: 0.7, top_p: 0.9, seed: Some(1), ..Default::default() };
+        assert_eq!(d.refuses(&plain), None);
+        assert_eq!(d.effective_top_k(&plain), 256, "the global top-k applies");
+        assert_eq!(d.effective_top_k(&SamplingParams { top_k: Some(5), ..plain.clone() }), 5);
+        for (name, p) in [
+            ("logprobs", SamplingParams { logprobs: Some(0), ..plain.clone() }),
+            ("presence_penalty", SamplingParams { presence_penalty: 0.5, ..plain.clone() }),
+            ("min_tokens", SamplingParams { min_tokens: 2, ..plain.clone() }),
+            ("top_k", SamplingParams { top_k: Some(257), ..plain.clone() }),
+        ] {
+            let (got, message) = d.refuses(&p).expect("refused");
+            assert_eq!(got, name);
+            assert!(message.contains(name) && message.contains("256"), "{message}");
+        }
     }
 }

@@ -50,7 +50,7 @@ impl fmt::Display for DeviceSpec {
 
 /// Element type of activations (the compute dtype) or of the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "lowercase")]
 pub enum DType {
     #[default]
     F32,
@@ -117,5 +117,9 @@ mod tests {
         assert_eq!("half".parse(), Ok(DType::F16));
         assert_eq!(DType::BF16.size_in_bytes(), 2);
         assert!("int8".parse::<DType>().is_err());
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            let json = serde_json::to_string(&d).unwrap();
+            assert_eq!(json, format!("\"{}\"", d.as_str()), "serde names match the flags");
+        }
     }
 }

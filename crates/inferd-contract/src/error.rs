@@ -6,6 +6,15 @@ pub enum ExecError {
     /// The input broke an invariant of the contract (a bug in the engine).
     #[error("invalid model input: {0}")]
     Input(String),
+    /// The backend lost the state of every sequence it held (its worker
+    /// died, hung or was restarted); `ModelExecutor::recover` may bring it
+    /// back empty.
+    #[error("the backend lost its state: {0}")]
+    Lost(String),
+    /// The device reported a hardware error: this instance should be
+    /// replaced, not retried.
+    #[error("the device failed: {0}")]
+    Hardware(String),
     /// The device or the model failed while running a step.
     #[error("model execution failed: {0}")]
     Backend(String),

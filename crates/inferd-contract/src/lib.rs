@@ -11,6 +11,8 @@
 //! - [`Capabilities`]: what a backend can run, which bounds what the
 //!   scheduler plans.
 //! - [`ModelExecutor`]: the trait every backend implements.
+//! - [`PaddedStep`]: a step padded to a compiled bucket, as a static-shape
+//!   worker receives it.
 //! - [`wire`]: the framed step protocol a worker process speaks.
 //!
 //! No candle and no tokio: the engine and the scheduler stay free of device
@@ -21,13 +23,15 @@ mod device;
 mod error;
 mod input;
 mod output;
+mod padded;
 pub mod wire;
 
-pub use caps::{Capabilities, PaddedShape, ShapeBuckets};
+pub use caps::{Capabilities, DeviceSampling, PaddedShape, ShapeBuckets};
 pub use device::{DType, DeviceSpec};
 pub use error::ExecError;
 pub use input::{ModelInput, StartedSeq};
 pub use output::{Logits, ModelOutput, SampledToken};
+pub use padded::{PAD_SLOT, PAD_TOKEN, PaddedStep, Phase};
 
 /// Runs a model over one step's batch, owning the KV cache.
 pub trait ModelExecutor: Send {
@@ -36,6 +40,12 @@ pub trait ModelExecutor: Send {
     /// Writes the step's K/V through the slot mapping, attends through the
     /// block tables, and returns one output row per `input.logits_rows`.
     fn execute(&mut self, input: &ModelInput) -> Result<ModelOutput, ExecError>;
+    /// Brings back a backend whose `execute` failed with
+    /// [`ExecError::Lost`] (restarts its worker); it then holds no sequence
+    /// and no cached KV. Backends that cannot lose their state refuse.
+    fn recover(&mut self) -> Result<(), ExecError> {
+        Err(ExecError::Unavailable("this backend cannot be restarted".into()))
+    }
 }
 
 impl<E: ModelExecutor + ?Sized> ModelExecutor for Box<E> {
@@ -44,5 +54,8 @@ impl<E: ModelExecutor + ?Sized> ModelExecutor for Box<E> {
     }
     fn execute(&mut self, input: &ModelInput) -> Result<ModelOutput, ExecError> {
         (**self).execute(input)
+    }
+    fn recover(&mut self) -> Result<(), ExecError> {
+        (**self).recover()
     }
 }

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::{Capabilities, ModelInput, ModelOutput};
+use crate::{Capabilities, ModelOutput, PaddedStep};
 
 /// The version of this protocol; a worker speaking another is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -47,7 +47,7 @@ pub struct Manifest {
     /// The compiled model's name or path, for logs.
     pub model: String,
     pub kv_layout: KvLayout,
-    /// Buckets, sizes and sampling: `samples_on_device` is true for Neuron.
+    /// Buckets, sizes and the device's sampling (`device_sampling`).
     pub capabilities: Capabilities,
 }
 
@@ -56,7 +56,7 @@ pub struct Manifest {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToWorker {
     Hello { protocol: u32 },
-    Step { step: u64, input: Box<ModelInput> },
+    Step { step: u64, input: Box<PaddedStep> },
     Shutdown,
 }
 
@@ -154,7 +154,7 @@ mod tests {
     use std::io::Cursor;
 
     use super::*;
-    use crate::{DType, DeviceSpec, SampledToken, ShapeBuckets};
+    use crate::{DType, DeviceSpec, ModelInput, PaddedShape, Phase, SampledToken, ShapeBuckets};
 
     fn manifest() -> Manifest {
         Manifest {
@@ -171,7 +171,7 @@ mod tests {
                 supported_dtypes: vec![DType::BF16],
                 kv_dtype: DType::BF16,
                 shape_buckets: Some(ShapeBuckets { batch_sizes: vec![1, 4], token_counts: vec![128, 512] }),
-                samples_on_device: true,
+                device_sampling: Some(crate::DeviceSampling { max_top_k: 256 }),
             },
         }
     }
@@ -188,9 +188,10 @@ mod tests {
     fn messages_round_trip_through_frames() {
         let mut input = ModelInput::new(2);
         input.push_seq(inferd_core::RequestId(3), &[10, 11, 12], 0, &[7], 4, true);
+        let padded = PaddedStep::pad(&input, Phase::Prefill, PaddedShape { batch: 1, tokens: 4 }).unwrap();
         let to = vec![
             ToWorker::Hello { protocol: PROTOCOL_VERSION },
-            ToWorker::Step { step: 7, input: Box::new(input) },
+            ToWorker::Step { step: 7, input: Box::new(padded) },
             ToWorker::Shutdown,
         ];
         let mut r = Cursor::new(frames(&to));

@@ -10,7 +10,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use inferd_contract::wire::{
     FailureKind, FromWorker, KvLayout, Manifest, PROTOCOL_VERSION, ToWorker, read_frame, write_frame,
 };
-use inferd_contract::{Capabilities, DType, DeviceSpec, ModelInput, ModelOutput, PaddedShape, ShapeBuckets};
+use inferd_contract::{
+    Capabilities, DType, DeviceSampling, DeviceSpec, ModelInput, ModelOutput, PaddedShape, PaddedStep, Phase,
+    ShapeBuckets,
+};
 use inferd_core::RequestId;
 
 const VOCAB: u32 = 1000;
@@ -31,7 +34,7 @@ fn manifest() -> Manifest {
             supported_dtypes: vec![DType::BF16],
             kv_dtype: DType::BF16,
             shape_buckets: Some(ShapeBuckets { batch_sizes: vec![1, 2, 4], token_counts: vec![4, 16] }),
-            samples_on_device: true,
+            device_sampling: Some(DeviceSampling { max_top_k: 256 }),
         },
     }
 }
@@ -78,14 +81,15 @@ fn fake_token(token: u32, position: u32) -> u32 {
     (token * 31 + position * 7 + 1) % VOCAB
 }
 
-fn input(seqs: &[(u64, &[u32], usize)], padded: (usize, usize)) -> Box<ModelInput> {
+fn input(seqs: &[(u64, &[u32], usize)], padded: (usize, usize)) -> Box<PaddedStep> {
     let mut input = ModelInput::new(8);
     for &(id, tokens, start) in seqs {
         let blocks: Vec<u32> = (0..8).map(|b| id as u32 * 8 + b).collect();
         input.push_seq(RequestId(id), tokens, start, &blocks, BLOCK, true);
     }
-    input.padded_shape = Some(PaddedShape { batch: padded.0, tokens: padded.1 });
-    Box::new(input)
+    let phase = if seqs.iter().all(|s| s.2 > 0) { Phase::Decode } else { Phase::Prefill };
+    let shape = PaddedShape { batch: padded.0, tokens: padded.1 };
+    Box::new(PaddedStep::pad(&input, phase, shape).unwrap())
 }
 
 #[test]
@@ -110,8 +114,14 @@ fn the_python_worker_speaks_the_protocol_and_enforces_the_contract() {
     assert!(matches!(w.recv(), FromWorker::Done { step: 2, .. }));
 
     // What a compiled model cannot run is refused, and the worker goes on.
+    let mut bad_padding = input(&[(1, &[1], 4)], (1, 4));
+    bad_padding.padded.slot_mapping[2] = 9;
+    let mut short = input(&[(1, &[1], 4)], (1, 4));
+    short.padded.positions.pop();
     let refusals = [
         (input(&[(1, &[1], 4)], (1, 8)), "not a compiled bucket"),
+        (bad_padding, "padding rows and positions must be empty"),
+        (short, "positions has 3 entries"),
         (input(&[(1, &[1], 9)], (1, 4)), "holds 4 tokens"),
         (input(&[(3, &[1], 2)], (1, 4)), "holds 0 tokens"),
     ];

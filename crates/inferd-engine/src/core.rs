@@ -23,6 +23,21 @@ pub enum EngineError {
     /// The scheduler's plan and its sequences disagree (a bug).
     #[error("engine state is inconsistent: {0}")]
     Inconsistent(String),
+    /// The device failed for good; this instance takes no more work.
+    #[error("the backend failed and this instance takes no more work: {0}")]
+    BackendFailed(String),
+}
+
+/// Whether the backend can run steps.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum BackendHealth {
+    #[default]
+    Up,
+    /// It lost its state (its worker died or hung); the engine restarts it
+    /// with backoff and waiting sequences run once it is back.
+    Restarting { reason: String },
+    /// The device reported a hardware error: nothing runs again here.
+    Failed { reason: String },
 }
 
 /// Limits of the engine that the executor does not dictate.
@@ -59,6 +74,20 @@ pub struct SeqOutput {
     pub error: Option<String>,
     /// Set on the step the sequence was first scheduled.
     pub first_scheduled: bool,
+}
+
+fn error_outputs(ended: Vec<inferd_sched::Sequence>, message: &str) -> Vec<SeqOutput> {
+    ended
+        .into_iter()
+        .map(|seq| SeqOutput {
+            id: seq.id,
+            sampled: None,
+            finished: Some(FinishReason::Error),
+            usage: seq.usage(),
+            error: Some(message.to_string()),
+            first_scheduled: false,
+        })
+        .collect()
 }
 
 /// A step's output, taken one sampled row at a time.
@@ -98,6 +127,7 @@ pub struct EngineCore<E> {
     /// Sequences gone since the last input; the next input reports them.
     retired: Vec<RequestId>,
     last_step_tokens: usize,
+    health: BackendHealth,
 }
 
 impl<E: ModelExecutor> EngineCore<E> {
@@ -125,6 +155,7 @@ impl<E: ModelExecutor> EngineCore<E> {
             eos_token_ids,
             retired: Vec::new(),
             last_step_tokens: 0,
+            health: BackendHealth::Up,
         })
     }
 
@@ -149,13 +180,43 @@ impl<E: ModelExecutor> EngineCore<E> {
         self.scheduler.has_work()
     }
 
+    pub fn health(&self) -> &BackendHealth {
+        &self.health
+    }
+
+    /// Restarts a backend that lost its state. On success the engine
+    /// steps again; a hardware error makes the failure final.
+    pub fn recover(&mut self) -> Result<(), ExecError> {
+        if self.health == BackendHealth::Up {
+            return Ok(());
+        }
+        match self.executor.recover() {
+            Ok(()) => {
+                tracing::info!("backend restarted; serving again");
+                self.health = BackendHealth::Up;
+                Ok(())
+            }
+            Err(e) => {
+                if let ExecError::Hardware(reason) = &e {
+                    self.health = BackendHealth::Failed { reason: reason.clone() };
+                    self.scheduler.abort_all(FinishReason::Error);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Tokens the last step computed.
     pub fn last_step_tokens(&self) -> usize {
         self.last_step_tokens
     }
 
-    /// Queues a sequence; refuses one that could never run.
+    /// Queues a sequence; refuses one that could never run, and every one
+    /// once the backend has failed for good.
     pub fn add(&mut self, req: SequenceRequest) -> Result<(), EngineError> {
+        if let BackendHealth::Failed { reason } = &self.health {
+            return Err(EngineError::BackendFailed(reason.clone()));
+        }
         Ok(self.scheduler.add(req)?)
     }
 
@@ -165,8 +226,13 @@ impl<E: ModelExecutor> EngineCore<E> {
     }
 
     /// Runs one step. A backend failure ends every sequence of the step with
-    /// an error output rather than leaving any of them hanging.
+    /// an error output rather than leaving any of them hanging; a backend
+    /// that lost its state ends every sequence it held (see
+    /// [`BackendHealth`]). Nothing runs while the backend is not up.
     pub fn step(&mut self) -> Result<Vec<SeqOutput>, EngineError> {
+        if self.health != BackendHealth::Up {
+            return Ok(Vec::new());
+        }
         let out = self.scheduler.schedule();
         self.last_step_tokens = out.num_scheduled_tokens;
         self.retired.extend_from_slice(&out.finished_ids);
@@ -177,6 +243,7 @@ impl<E: ModelExecutor> EngineCore<E> {
         let input = input::build(&self.scheduler, &out, std::mem::take(&mut self.retired))?;
         let sampled = match self.executor.execute(&input).and_then(|output| self.next_tokens(&out, output)) {
             Ok(sampled) => sampled,
+            Err(e @ (ExecError::Lost(_) | ExecError::Hardware(_))) => return Ok(self.lose_backend(&e)),
             Err(e) => return Ok(self.fail(&out, &e.to_string())),
         };
         let tokens: Vec<Option<TokenId>> = sampled.iter().map(|s| s.as_ref().map(|s| s.token)).collect();
@@ -240,19 +307,27 @@ impl<E: ModelExecutor> EngineCore<E> {
     fn fail(&mut self, out: &SchedulerOutput, message: &str) -> Vec<SeqOutput> {
         tracing::error!(error = message, seqs = out.num_seqs(), "step failed; ending its sequences");
         let ids: Vec<RequestId> = out.batch().map(|(id, _)| id).collect();
-        ids.into_iter()
-            .filter_map(|id| {
-                let usage = self.scheduler.abort(id, FinishReason::Error)?.usage();
-                Some(SeqOutput {
-                    id,
-                    sampled: None,
-                    finished: Some(FinishReason::Error),
-                    usage,
-                    error: Some(message.to_string()),
-                    first_scheduled: false,
-                })
-            })
-            .collect()
+        let ended = ids.into_iter().filter_map(|id| self.scheduler.abort(id, FinishReason::Error)).collect();
+        error_outputs(ended, message)
+    }
+
+    /// The backend lost every sequence's KV: ends the sequences it held
+    /// (all of them after a hardware error) and forgets cached prefixes.
+    fn lose_backend(&mut self, e: &ExecError) -> Vec<SeqOutput> {
+        let message = e.to_string();
+        let ended = match e {
+            ExecError::Hardware(reason) => {
+                tracing::error!(error = %message, "hardware error: this instance takes no more work");
+                self.health = BackendHealth::Failed { reason: reason.clone() };
+                self.scheduler.abort_all(FinishReason::Error)
+            }
+            _ => {
+                tracing::error!(error = %message, "the backend lost its state; restarting it");
+                self.health = BackendHealth::Restarting { reason: message.clone() };
+                self.scheduler.backend_lost(FinishReason::Error)
+            }
+        };
+        error_outputs(ended, &message)
     }
 
     /// Runs one short request through every stage before serving, so the

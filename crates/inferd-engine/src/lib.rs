@@ -8,5 +8,5 @@ mod input;
 pub mod metrics;
 mod thread;
 
-pub use core::{EngineConfig, EngineCore, EngineError, SeqOutput};
-pub use thread::{EngineGone, EngineHandle, EngineStats};
+pub use core::{BackendHealth, EngineConfig, EngineCore, EngineError, SeqOutput};
+pub use thread::{BackendStatus, EngineGone, EngineHandle, EngineStats};

@@ -27,6 +27,9 @@ pub const REQUESTS_TOTAL: &str = "inferd_requests_total";
 pub const REQUESTS_REJECTED_TOTAL: &str = "inferd_requests_rejected_total";
 pub const PREEMPTIONS_TOTAL: &str = "inferd_preemptions_total";
 pub const PANICS_TOTAL: &str = "inferd_panics_total";
+pub const BACKEND_RESTARTS_TOTAL: &str = "inferd_backend_restarts_total";
+/// 1 while the backend runs steps, 0 while it restarts or after it failed.
+pub const BACKEND_UP: &str = "inferd_backend_up";
 /// Per tenant (configured tenants only, so the label set stays bounded).
 pub const TENANT_REQUESTS_TOTAL: &str = "inferd_tenant_requests_total";
 pub const TENANT_PROMPT_TOKENS_TOTAL: &str = "inferd_tenant_prompt_tokens_total";
@@ -79,6 +82,14 @@ pub fn describe() {
     describe_counter!(REQUESTS_TOTAL, "Finished sequences by status and finish reason.");
     describe_counter!(REQUESTS_REJECTED_TOTAL, "Requests refused before running, by reason.");
     describe_counter!(PREEMPTIONS_TOTAL, "Sequences preempted by recompute.");
+    describe_counter!(
+        BACKEND_RESTARTS_TOTAL,
+        "Times the backend (the Neuron step worker) was restarted after it died or hung."
+    );
+    describe_gauge!(
+        BACKEND_UP,
+        "1 while the backend runs steps; 0 while it restarts or after a hardware error."
+    );
     describe_counter!(PANICS_TOTAL, "Panics caught while handling a request (answered 500), by where.");
     describe_counter!(TENANT_REQUESTS_TOTAL, "Requests that ran, by tenant and outcome.");
     describe_counter!(TENANT_PROMPT_TOKENS_TOTAL, "Prompt tokens metered, by tenant.");

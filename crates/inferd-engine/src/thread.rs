@@ -5,8 +5,8 @@
 //! next step, so its blocks are freed within one step.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,12 @@ use inferd_core::{FinishReason, RequestId, StreamEvent, TokenId};
 use inferd_sched::{SchedulerStats, SequenceRequest};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::{EngineConfig, EngineCore, EngineError, SeqOutput};
+use crate::{BackendHealth, EngineConfig, EngineCore, EngineError, SeqOutput};
+
+/// The first wait before restarting a lost backend again after a failed
+/// restart; doubled after each failure up to [`MAX_RESTART_BACKOFF`].
+const FIRST_RESTART_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 
 enum Command {
     Add { req: SequenceRequest, events: UnboundedSender<StreamEvent> },
@@ -45,6 +50,19 @@ pub struct EngineStats {
     pub busy: AtomicBool,
     /// Set when the engine thread has exited.
     pub stopped: AtomicBool,
+    /// 0 up, 1 restarting, 2 failed for good (see [`BackendHealth`]).
+    backend_state: AtomicU8,
+    /// Why the backend is not up (empty when it is).
+    backend_reason: Mutex<String>,
+    /// Times the backend was restarted after losing its state.
+    pub backend_restarts: AtomicU64,
+}
+
+/// The backend's health as the engine thread last published it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendStatus {
+    pub health: BackendHealth,
+    pub restarts: u64,
 }
 
 impl EngineStats {
@@ -58,6 +76,28 @@ impl EngineStats {
         self.prefix_query_tokens.store(s.kv.prefix_query_tokens, r);
         self.prefix_hit_tokens.store(s.kv.prefix_hit_tokens, r);
         self.busy.store(s.num_running + s.num_waiting > 0, r);
+    }
+
+    fn publish_health(&self, h: &BackendHealth) {
+        let (state, reason) = match h {
+            BackendHealth::Up => (0, ""),
+            BackendHealth::Restarting { reason } => (1, reason.as_str()),
+            BackendHealth::Failed { reason } => (2, reason.as_str()),
+        };
+        *self.backend_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.to_string();
+        self.backend_state.store(state, Ordering::Release);
+    }
+
+    /// The backend's health: up, restarting (with why), or failed for good.
+    pub fn backend(&self) -> BackendStatus {
+        let state = self.backend_state.load(Ordering::Acquire);
+        let reason = self.backend_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let health = match state {
+            0 => BackendHealth::Up,
+            1 => BackendHealth::Restarting { reason },
+            _ => BackendHealth::Failed { reason },
+        };
+        BackendStatus { health, restarts: self.backend_restarts.load(Ordering::Relaxed) }
     }
 
     /// KV blocks held by sequences.
@@ -130,7 +170,15 @@ impl EngineHandle {
                 };
                 thread_stats.publish(&core.stats());
                 let _ = ready_tx.send(Ok(core.capabilities().clone()));
-                EngineLoop { core, rx, stats: thread_stats, streams: HashMap::new(), started }.run();
+                EngineLoop {
+                    core,
+                    rx,
+                    stats: thread_stats,
+                    streams: HashMap::new(),
+                    started,
+                    next_restart: None,
+                }
+                .run();
             })
             .expect("spawning the engine thread");
         let caps = ready_rx
@@ -204,23 +252,32 @@ struct EngineLoop<E> {
     stats: Arc<EngineStats>,
     streams: HashMap<RequestId, UnboundedSender<StreamEvent>>,
     started: Instant,
+    /// While the backend is restarting: when to try next, and the wait
+    /// after that one if it fails.
+    next_restart: Option<(Instant, Duration)>,
 }
 
 impl<E: ModelExecutor> EngineLoop<E> {
     fn run(mut self) {
         loop {
-            // Sleep until a command arrives when idle; never spin.
-            if !self.core.has_work() {
+            // Sleep until a command arrives when idle (or until the next
+            // restart of a lost backend); never spin.
+            let up = *self.core.health() == BackendHealth::Up;
+            let first = if up && self.core.has_work() {
+                None
+            } else if let Some((at, _)) = self.next_restart {
+                match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(cmd) => Some(cmd),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
                 match self.rx.recv() {
-                    Ok(cmd) => {
-                        if !self.handle(cmd) {
-                            break;
-                        }
-                    }
+                    Ok(cmd) => Some(cmd),
                     Err(_) => break,
                 }
-            }
-            let mut open = true;
+            };
+            let mut open = first.is_none_or(|cmd| self.handle(cmd));
             while let Ok(cmd) = self.rx.try_recv() {
                 open &= self.handle(cmd);
             }
@@ -228,7 +285,10 @@ impl<E: ModelExecutor> EngineLoop<E> {
                 break;
             }
             self.abort_abandoned();
-            if self.core.has_work() {
+            if matches!(self.next_restart, Some((at, _)) if at <= Instant::now()) {
+                self.restart();
+            }
+            if *self.core.health() == BackendHealth::Up && self.core.has_work() {
                 // Publishes the counters itself, before delivering events.
                 self.step();
             } else {
@@ -269,6 +329,36 @@ impl<E: ModelExecutor> EngineLoop<E> {
         true
     }
 
+    /// Tries to bring a lost backend back; on failure waits twice as long
+    /// before the next try.
+    fn restart(&mut self) {
+        let Some((_, backoff)) = self.next_restart else { return };
+        match self.core.recover() {
+            Ok(()) => {
+                self.next_restart = None;
+                self.stats.backend_restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_secs = backoff.as_secs_f64(), "restarting the backend failed");
+                if let BackendHealth::Failed { reason } = self.core.health().clone() {
+                    self.next_restart = None;
+                    self.end_all(&format!("the device failed: {reason}"));
+                } else {
+                    self.next_restart =
+                        Some((Instant::now() + backoff, (backoff * 2).min(MAX_RESTART_BACKOFF)));
+                }
+            }
+        }
+        self.stats.publish_health(self.core.health());
+    }
+
+    /// Ends every stream with an error (the engine holds none of them any more).
+    fn end_all(&mut self, message: &str) {
+        for (_, events) in self.streams.drain() {
+            let _ = events.send(StreamEvent::Error { message: message.to_string() });
+        }
+    }
+
     /// Aborts sequences whose receiver is gone (client disconnected).
     fn abort_abandoned(&mut self) {
         let gone: Vec<RequestId> =
@@ -298,6 +388,13 @@ impl<E: ModelExecutor> EngineLoop<E> {
         // Publish before delivering, so a client that sees its request end
         // also sees its blocks freed in /stats and /metrics.
         self.stats.publish(&self.core.stats());
+        if *self.core.health() != BackendHealth::Up {
+            self.stats.publish_health(self.core.health());
+            if matches!(self.core.health(), BackendHealth::Restarting { .. }) {
+                // The first restart is at once; backoff only after a failed one.
+                self.next_restart = Some((Instant::now(), FIRST_RESTART_BACKOFF));
+            }
+        }
         for o in outputs {
             self.deliver(o);
         }

@@ -218,6 +218,79 @@ fn an_executor_error_ends_that_steps_sequences_and_the_engine_serves_on() {
 }
 
 #[test]
+fn a_lost_backend_ends_what_it_held_restarts_with_backoff_and_serves_the_rest() {
+    // The first prompt's full blocks are cached before the worker "dies";
+    // the fake forgets every slot then, so a prefix hit on them afterwards
+    // would read nothing and be logged as a violation.
+    let (handle, control, log) = start(FakeExecutor::new(BLOCK, 128, VOCAB, 256), config(2, 64));
+    control.set_delay(Duration::from_millis(2));
+    let shared = prompt(12, 1);
+    let (a, mut rx_a) = add(&handle, shared.clone(), greedy(150));
+    let (b, mut rx_b) = add(&handle, prompt(7, 2), greedy(150));
+    let (_, mut rx_c) = add(&handle, shared.clone(), greedy(6));
+    wait_tokens(&mut rx_a, 2);
+    wait_tokens(&mut rx_b, 1);
+    control.failing_restarts.store(2, std::sync::atomic::Ordering::SeqCst);
+    control.lose_next_step();
+    for (id, rx) in [(a, &mut rx_a), (b, &mut rx_b)] {
+        match drain(rx).last() {
+            Some(StreamEvent::Error { message }) => {
+                assert!(message.contains("lost its state"), "{id}: {message}")
+            }
+            other => panic!("{id} should end with an error, got {other:?}"),
+        }
+    }
+    let status = handle.stats().backend();
+    assert!(
+        matches!(status.health, inferd_engine::BackendHealth::Restarting { ref reason } if reason.contains("injected worker death")),
+        "{status:?}"
+    );
+    // Two failed restarts (0.5 s, then 1 s apart), then a good one.
+    control.set_delay(Duration::ZERO);
+    let started = Instant::now();
+    assert_eq!(
+        stream_tokens(&drain(&mut rx_c)),
+        fake_generate(&shared, 6, VOCAB),
+        "the waiting one runs after"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1400), "backoff between failed restarts");
+    let status = handle.stats().backend();
+    assert_eq!((status.health, status.restarts), (inferd_engine::BackendHealth::Up, 1));
+    assert_eq!(control.restarts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(
+        lock(&log).violations.is_empty(),
+        "no prefix hit on KV the worker lost: {:?}",
+        lock(&log).violations
+    );
+    wait_until("the lost sequences' blocks are freed", || handle.stats().kv_blocks_used() == 0);
+}
+
+#[test]
+fn a_hardware_error_ends_everything_and_refuses_new_work() {
+    let (handle, control, _log) = start(FakeExecutor::new(BLOCK, 128, VOCAB, 256), config(1, 64));
+    control.set_delay(Duration::from_millis(2));
+    let (_, mut rx_a) = add(&handle, prompt(5, 1), greedy(150));
+    let (_, mut rx_b) = add(&handle, prompt(6, 2), greedy(10));
+    wait_tokens(&mut rx_a, 1);
+    control.hardware_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    for rx in [&mut rx_a, &mut rx_b] {
+        let events = drain(rx);
+        assert!(
+            matches!(events.last(), Some(StreamEvent::Error { message }) if message.contains("injected hardware error")),
+            "running and waiting sequences both end: {events:?}"
+        );
+    }
+    assert!(matches!(handle.stats().backend().health, inferd_engine::BackendHealth::Failed { .. }));
+    let (_, mut rx) = add(&handle, prompt(4, 3), greedy(2));
+    match drain(&mut rx).as_slice() {
+        [StreamEvent::Error { message }] => assert!(message.contains("takes no more work"), "{message}"),
+        other => panic!("a new request is refused, got {other:?}"),
+    }
+    assert_eq!(control.restarts.load(std::sync::atomic::Ordering::SeqCst), 0, "never restarted");
+    assert_eq!(handle.stats().kv_blocks_used(), 0);
+}
+
+#[test]
 fn shutdown_ends_every_open_stream() {
     let fake = FakeExecutor::new(BLOCK, 128, VOCAB, 256);
     let (control, log) = (fake.control(), fake.log());

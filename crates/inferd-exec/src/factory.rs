@@ -4,6 +4,7 @@
 //! feature.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use candle_core::Device;
 use inferd_contract::{DType, DeviceSpec, ExecError, ModelExecutor};
@@ -37,6 +38,30 @@ pub struct ExecutorConfig {
     pub gpu_memory_utilization: f64,
     /// Longest sequence served; `None` takes the model's own context.
     pub max_model_len: Option<usize>,
+    /// The Neuron step worker.
+    pub neuron: NeuronOptions,
+}
+
+/// How `--device neuron` finds and supervises its step worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NeuronOptions {
+    /// The worker's command line, program first.
+    pub worker: Vec<String>,
+    /// The compiled artifacts.
+    pub model_dir: Option<PathBuf>,
+    pub step_timeout: Duration,
+    pub load_timeout: Duration,
+}
+
+impl Default for NeuronOptions {
+    fn default() -> Self {
+        NeuronOptions {
+            worker: vec!["python3".into(), "/opt/inferd/neuron/worker.py".into()],
+            model_dir: None,
+            step_timeout: Duration::from_secs(30),
+            load_timeout: Duration::from_secs(600),
+        }
+    }
 }
 
 /// The compute dtype a backend runs unless told otherwise.
@@ -53,7 +78,8 @@ pub fn check_backend(device: DeviceSpec) -> Result<(), ExecError> {
     match device {
         DeviceSpec::Cpu => Ok(()),
         DeviceSpec::Cuda(n) => cuda_available(n),
-        DeviceSpec::Neuron => neuron_available(),
+        // The worker holds the Neuron runtime; this process never links it.
+        DeviceSpec::Neuron => Ok(()),
     }
 }
 
@@ -68,20 +94,6 @@ fn cuda_available(n: usize) -> Result<(), ExecError> {
 fn cuda_available(_: usize) -> Result<(), ExecError> {
     // Whether the GPU is there is known when the executor is built.
     Ok(())
-}
-
-#[cfg(not(feature = "neuron"))]
-fn neuron_available() -> Result<(), ExecError> {
-    Err(ExecError::Unavailable(
-        "--device neuron: this inferd was built without the Neuron backend; build it with the `neuron` cargo feature (`cargo build --release -p inferd-server --features neuron`, see README)".into(),
-    ))
-}
-
-#[cfg(feature = "neuron")]
-fn neuron_available() -> Result<(), ExecError> {
-    Err(ExecError::Unavailable(
-        "--device neuron: this build has the `neuron` feature, but this version of inferd has no Neuron executor yet".into(),
-    ))
 }
 
 /// The compute dtype for `cfg`, refused unless the backend runs it.
@@ -103,11 +115,28 @@ pub fn build_executor(cfg: &ExecutorConfig) -> Result<Box<dyn ModelExecutor>, Ex
     check_backend(cfg.device)?;
     match cfg.device {
         DeviceSpec::Cpu => Ok(Box::new(build_cpu(cfg)?)),
-        // Added by the CUDA and Neuron backends; check_backend refused above.
-        DeviceSpec::Cuda(_) | DeviceSpec::Neuron => {
-            Err(ExecError::Unavailable(format!("no executor for {}", cfg.device)))
-        }
+        DeviceSpec::Neuron => Ok(Box::new(build_neuron(cfg)?)),
+        // Added by the CUDA backend; check_backend refused above.
+        DeviceSpec::Cuda(_) => Err(ExecError::Unavailable(format!("no executor for {}", cfg.device))),
     }
+}
+
+fn build_neuron(cfg: &ExecutorConfig) -> Result<crate::neuron::NeuronExecutor, ExecError> {
+    let n = &cfg.neuron;
+    let model_dir = n.model_dir.clone().ok_or_else(|| {
+        ExecError::Config("--device neuron needs --neuron-model-dir, the folder of the compiled model".into())
+    })?;
+    if n.worker.is_empty() {
+        return Err(ExecError::Config("--neuron-worker is empty".into()));
+    }
+    crate::neuron::NeuronExecutor::start(crate::neuron::NeuronConfig {
+        worker: n.worker.clone(),
+        model_dir,
+        model_path: cfg.model_path.clone(),
+        max_model_len: cfg.max_model_len,
+        step_timeout: n.step_timeout,
+        load_timeout: n.load_timeout,
+    })
 }
 
 fn build_cpu(cfg: &ExecutorConfig) -> Result<CpuExecutor, ExecError> {
@@ -148,6 +177,7 @@ mod tests {
             kv_cache_memory: 1 << 20,
             gpu_memory_utilization: 0.9,
             max_model_len: None,
+            neuron: NeuronOptions::default(),
         }
     }
 
@@ -161,10 +191,12 @@ mod tests {
             let cuda = cuda.unwrap_err().to_string();
             assert!(cuda.contains("cuda:1") && cuda.contains("`cuda`"), "{cuda}");
         }
-        let neuron = check_backend(DeviceSpec::Neuron).unwrap_err().to_string();
-        assert!(neuron.contains("`neuron`"), "{neuron}");
+        assert_eq!(check_backend(DeviceSpec::Neuron), Ok(()), "the worker process holds the Neuron runtime");
         let built = build_executor(&config(DeviceSpec::Neuron, None)).map(|_| ()).unwrap_err();
-        assert!(matches!(built, ExecError::Unavailable(_)), "the factory refuses before loading anything");
+        assert!(
+            matches!(built, ExecError::Config(ref m) if m.contains("--neuron-model-dir")),
+            "the factory refuses before starting anything: {built}"
+        );
     }
 
     #[test]

@@ -59,11 +59,24 @@ pub struct FakeControl {
     pub fail_next: AtomicBool,
     /// Sleep this many milliseconds in every step.
     pub delay_ms: AtomicU64,
+    /// Fail the next step (once) as a worker that died: every slot and
+    /// sequence is forgotten, as a restarted worker would have them.
+    pub lose_next: AtomicBool,
+    /// Fail the next step (once) with a hardware error.
+    pub hardware_next: AtomicBool,
+    /// Fail this many restarts before one succeeds.
+    pub failing_restarts: AtomicU64,
+    /// Restarts that succeeded.
+    pub restarts: AtomicU64,
 }
 
 impl FakeControl {
     pub fn fail_next_step(&self) {
         self.fail_next.store(true, Ordering::SeqCst);
+    }
+
+    pub fn lose_next_step(&self) {
+        self.lose_next.store(true, Ordering::SeqCst);
     }
 
     pub fn set_delay(&self, d: Duration) {
@@ -124,7 +137,7 @@ impl FakeExecutor {
             supported_dtypes: vec![DType::F32],
             kv_dtype: DType::F32,
             shape_buckets: None,
-            samples_on_device: false,
+            device_sampling: None,
         };
         FakeExecutor {
             slots: vec![None; num_blocks * block_size],
@@ -137,7 +150,7 @@ impl FakeExecutor {
 
     /// Returns sampled tokens (greedy, as a device sampler would) instead of logits.
     pub fn sampling_on_device(mut self) -> Self {
-        self.caps.samples_on_device = true;
+        self.caps.device_sampling = Some(inferd_contract::DeviceSampling { max_top_k: u32::MAX });
         self
     }
 
@@ -179,7 +192,7 @@ impl FakeExecutor {
 
     fn output(&self, next: Vec<(TokenId, Arc<SamplingParams>)>) -> ModelOutput {
         let vocab = self.caps.vocab_size;
-        if self.caps.samples_on_device {
+        if self.caps.samples_on_device() {
             let sampled = next
                 .into_iter()
                 .map(|(token, params)| SampledToken {
@@ -216,6 +229,14 @@ impl ModelExecutor for FakeExecutor {
     }
 
     fn execute(&mut self, input: &ModelInput) -> Result<ModelOutput, ExecError> {
+        if self.control.lose_next.swap(false, Ordering::SeqCst) {
+            self.slots.fill(None);
+            self.live = LiveSeqs::default();
+            return Err(ExecError::Lost("injected worker death".into()));
+        }
+        if self.control.hardware_next.swap(false, Ordering::SeqCst) {
+            return Err(ExecError::Hardware("injected hardware error".into()));
+        }
         let fail = self.control.fail_next.swap(false, Ordering::SeqCst);
         lock(&self.log).steps.push(StepRecord {
             seq_ids: input.seq_ids.clone(),
@@ -258,6 +279,18 @@ impl ModelExecutor for FakeExecutor {
             }
         }
         Ok(self.output(next))
+    }
+
+    fn recover(&mut self) -> Result<(), ExecError> {
+        let failing = &self.control.failing_restarts;
+        if failing.load(Ordering::SeqCst) > 0 {
+            failing.fetch_sub(1, Ordering::SeqCst);
+            return Err(ExecError::Unavailable("injected failed restart".into()));
+        }
+        self.slots.fill(None);
+        self.live = LiveSeqs::default();
+        self.control.restarts.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }
 

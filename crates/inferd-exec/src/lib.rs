@@ -1,6 +1,7 @@
 //! inferd's backends behind the executor contract ([`inferd_contract`]):
 //! [`CpuExecutor`] runs llama-family models on the CPU with paged attention;
-//! [`FakeExecutor`] stands in for a model in tests; [`build_executor`] picks
+//! [`neuron::NeuronExecutor`] drives a compiled model in a step worker
+//! process; [`FakeExecutor`] stands in for a model in tests; [`build_executor`] picks
 //! the backend `--device` names; the [`sampler`] samples the logits of
 //! backends that return them.
 
@@ -10,12 +11,13 @@ pub mod cuda;
 mod factory;
 pub mod fake;
 mod live;
+pub mod neuron;
 pub mod sampler;
 
 use inferd_contract::{DType, ExecError};
 
 pub use cpu::{CpuExecutor, CpuExecutorConfig};
-pub use factory::{ExecutorConfig, build_executor, check_backend};
+pub use factory::{ExecutorConfig, NeuronOptions, build_executor, check_backend};
 pub use fake::{FakeControl, FakeExecutor, FakeLog};
 pub use live::{LiveSeqs, device_row};
 

@@ -251,6 +251,27 @@ impl BlockPool {
         ChainLink { block: id, generation: block.generation, hash }
     }
 
+    /// Forgets every cached prefix: the KV they named is gone (a backend
+    /// that lost its state). Free cached blocks become plain free blocks;
+    /// held ones stay held, uncached. Returns how many were forgotten.
+    pub fn forget_cached(&mut self) -> usize {
+        let mut forgotten = 0;
+        for i in 0..self.blocks.len() {
+            let block = &mut self.blocks[i];
+            if block.cached.take().is_none() {
+                continue;
+            }
+            block.generation = block.generation.wrapping_add(1);
+            forgotten += 1;
+            if block.ref_count == 0 {
+                self.evictable.remove(i as u32);
+                self.free_uncached.push(BlockId(i as u32));
+            }
+        }
+        self.by_hash.clear();
+        forgotten
+    }
+
     /// Returns every block of `table` to the pool, last block first so that
     /// the tail of a chain is evicted before its head.
     pub fn release(&mut self, table: &mut BlockTable) {
@@ -270,6 +291,27 @@ mod tests {
 
     fn seq(n: usize, start: u32) -> Vec<TokenId> {
         (start..start + n as u32).collect()
+    }
+
+    #[test]
+    fn forgotten_prefixes_never_hit_again() {
+        let mut pool = BlockPool::new(4, BS);
+        let tokens = seq(9, 0);
+        let mut a = BlockTable::new();
+        pool.grow(&mut a, 9).unwrap();
+        pool.commit_full_blocks(&mut a, &tokens, 9);
+        pool.release(&mut a);
+        assert_eq!(pool.stats().cached, 2);
+        let mut b = BlockTable::new();
+        assert_eq!(pool.match_prefix(&mut b, &tokens[..8]), 8, "cached before");
+        assert_eq!(pool.forget_cached(), 2);
+        assert_eq!(pool.stats().cached, 0);
+        pool.release(&mut b);
+        assert_eq!(pool.num_free(), 4, "every block is free again");
+        let mut c = BlockTable::new();
+        assert_eq!(pool.match_prefix(&mut c, &tokens[..8]), 0, "no hit after the KV is gone");
+        pool.grow(&mut c, 16).unwrap();
+        assert_eq!(pool.num_free(), 0, "forgotten blocks are handed out like any free block");
     }
 
     #[test]

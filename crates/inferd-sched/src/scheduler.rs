@@ -142,6 +142,26 @@ impl Scheduler {
         Some(seq)
     }
 
+    /// The backend lost every sequence's KV (its worker died): ends every
+    /// running sequence with `reason` and forgets the prefix cache, whose
+    /// blocks no longer hold what they name. Waiting sequences never ran,
+    /// or were preempted, so they keep their place. Returns the ended ones.
+    pub fn backend_lost(&mut self, reason: FinishReason) -> Vec<Sequence> {
+        let ended = self.running.clone().into_iter().filter_map(|id| self.abort(id, reason)).collect();
+        self.pool.forget_cached();
+        ended
+    }
+
+    /// Ends every sequence, waiting or running, and forgets the prefix
+    /// cache (a backend that failed for good).
+    pub fn abort_all(&mut self, reason: FinishReason) -> Vec<Sequence> {
+        let mut ids: Vec<RequestId> = self.seqs.keys().copied().collect();
+        ids.sort_unstable();
+        let ended = ids.into_iter().filter_map(|id| self.abort(id, reason)).collect();
+        self.pool.forget_cached();
+        ended
+    }
+
     /// Plans one step as the policy shapes it. Mixed: running sequences
     /// first, then waiting ones, within one token budget and the batch
     /// limit. Compiled: a prefill of whole prompts when a sequence waits

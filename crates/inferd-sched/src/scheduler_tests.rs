@@ -376,3 +376,21 @@ fn update_checks_its_samples() {
     assert_eq!(s.update(&out, &[]), Err(SchedError::SampleCount { got: 0, expected: 1 }));
     assert_eq!(s.update(&out, &[None]), Err(SchedError::MissingSample(RequestId(1))));
 }
+
+#[test]
+fn a_lost_backend_ends_running_sequences_keeps_waiting_ones_and_forgets_prefixes() {
+    let mut s = Scheduler::new(SchedulerConfig { max_num_seqs: 1, ..config() }).unwrap();
+    let shared = prompt(12, 0);
+    s.add(req(1, shared.clone(), params(8))).unwrap();
+    step(&mut s, 7);
+    s.add(req(2, shared.clone(), params(8))).unwrap();
+    assert_eq!(s.stats().num_running, 1);
+    assert!(s.stats().kv.cached > 0, "the prompt's full blocks are cached");
+    let ended = s.backend_lost(FinishReason::Error);
+    assert_eq!(ended.iter().map(|q| q.id).collect::<Vec<_>>(), [RequestId(1)]);
+    let stats = s.stats();
+    assert_eq!((stats.num_running, stats.num_waiting, stats.kv.cached), (0, 1, 0));
+    assert_eq!(stats.kv.free, stats.kv.num_blocks, "every block is free");
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(out.new_seqs[0].num_computed_tokens, 0, "no prefix hit on KV that is gone");
+}

@@ -22,6 +22,16 @@ pub enum Command {
     /// API keys for the tenants of --config.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The Neuron stand-in worker: inferd's CPU model behind the Neuron step
+    /// protocol, holding each step to what a compiled model allows. Started
+    /// by `serve --device neuron --neuron-worker "inferd neuron-standin"` to
+    /// rehearse a Neuron deployment without Inferentia; its model folder
+    /// holds an inferd-compiled.json (see neuron/README.md).
+    #[command(name = "neuron-standin", disable_help_flag = true)]
+    NeuronStandin {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,9 +154,24 @@ pub struct ServeArgs {
     /// Longest sequence (prompt + output); defaults to the model's context length.
     #[arg(long, env = "INFERD_MAX_MODEL_LEN", value_parser = parse_count)]
     pub max_model_len: Option<usize>,
-    /// The backend: cpu, cuda[:N] or neuron (each needs its cargo feature but cpu).
+    /// The backend: cpu, cuda[:N] (built with the `cuda` feature) or neuron
+    /// (a step worker process; see --neuron-*).
     #[arg(long, env = "INFERD_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
+    /// The Neuron step worker's command line (split on whitespace); inferd
+    /// appends `--socket PATH --model-dir DIR --model PATH`.
+    #[arg(long, env = "INFERD_NEURON_WORKER", default_value = "python3 /opt/inferd/neuron/worker.py")]
+    pub neuron_worker: String,
+    /// The compiled model's folder (neuron/compile.py's output) for --device neuron.
+    #[arg(long, env = "INFERD_NEURON_MODEL_DIR")]
+    pub neuron_model_dir: Option<PathBuf>,
+    /// Seconds one step may take before the Neuron worker counts as hung and
+    /// is replaced.
+    #[arg(long, env = "INFERD_NEURON_STEP_TIMEOUT", default_value_t = 30.0, value_parser = parse_seconds)]
+    pub neuron_step_timeout: f64,
+    /// Seconds the Neuron worker may take to load its compiled model.
+    #[arg(long, env = "INFERD_NEURON_LOAD_TIMEOUT", default_value_t = 900.0, value_parser = parse_seconds)]
+    pub neuron_load_timeout: f64,
     /// Compute dtype: f32, bf16, f16, or auto (f32 on the CPU, bf16 on devices).
     #[arg(long, env = "INFERD_DTYPE", default_value = "auto")]
     pub dtype: AutoDType,
@@ -281,6 +306,12 @@ impl ServeArgs {
             kv_cache_memory: self.kv_cache_memory,
             gpu_memory_utilization: self.gpu_memory_utilization.unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION),
             max_model_len: self.max_model_len,
+            neuron: inferd_exec::NeuronOptions {
+                worker: self.neuron_worker.split_whitespace().map(String::from).collect(),
+                model_dir: self.neuron_model_dir.clone(),
+                step_timeout: std::time::Duration::from_secs_f64(self.neuron_step_timeout.max(0.001)),
+                load_timeout: std::time::Duration::from_secs_f64(self.neuron_load_timeout.max(0.001)),
+            },
         }
     }
 }

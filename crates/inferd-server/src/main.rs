@@ -42,6 +42,9 @@ fn main() -> anyhow::Result<()> {
             println!("{}", tenants::hash_key(&key));
             Ok(())
         }
+        Command::NeuronStandin { args } => {
+            std::process::exit(inferd_exec::neuron::standin::main_with_args(&args));
+        }
         Command::Keys(KeysCommand::New) => {
             let key = tenants::new_key();
             println!("key:    {key}");

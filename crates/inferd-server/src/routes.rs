@@ -348,6 +348,8 @@ async fn run(
             "logit_bias",
         ));
     }
+    serving.check_backend()?;
+    crate::validate::check_device_sampling(&params, serving.engine.capabilities().device_sampling)?;
     for p in &prompts {
         crate::validate::check_compiled_prompt(p.len(), serving.max_prompt_tokens)?;
         let need = p.len() + params.max_tokens as usize;
@@ -507,8 +509,10 @@ async fn detokenize(
     Ok(Json(json!({ "prompt": text })))
 }
 
+/// Liveness: the process can serve or heal itself. A backend restarting
+/// its worker is alive (readiness says it is not ready meanwhile).
 async fn health(State(st): State<SharedState>) -> Response {
-    match st.engine_problem() {
+    match st.engine_problem().filter(|&p| p != "backend_restarting") {
         None => Json(json!({"status": "ok"})).into_response(),
         Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": problem}))).into_response(),
     }
@@ -519,7 +523,7 @@ async fn ready(State(st): State<SharedState>) -> Response {
     let status = match (st.phase(), st.engine_problem()) {
         (Phase::Loading, _) => "loading",
         (Phase::Draining, _) => "draining",
-        (Phase::Ready, Some(_)) => "stalled",
+        (Phase::Ready, Some(problem)) => problem,
         (Phase::Ready, None) => "ready",
     };
     let r = std::sync::atomic::Ordering::Relaxed;
@@ -532,6 +536,7 @@ async fn ready(State(st): State<SharedState>) -> Response {
         body["waiting"] = json!(s.num_waiting.load(r));
         body["kv_cache_usage"] =
             json!(if total == 0 { 0.0 } else { s.kv_blocks_used() as f64 / total as f64 });
+        body["backend"] = crate::state::backend_json(&s.backend());
     }
     if let Some(ledger) = &st.ledger {
         let failing = ledger.stats().failing.load(r);
@@ -570,8 +575,10 @@ async fn stats(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
             "compute_dtype": caps.compute_dtype.as_str(),
             "kv_cache_dtype": caps.kv_dtype.as_str(),
             "block_size": caps.block_size,
-            "samples_on_device": caps.samples_on_device,
+            "samples_on_device": caps.samples_on_device(),
+            "device_sampling": caps.device_sampling,
             "shape_buckets": caps.shape_buckets,
+            "health": crate::state::backend_json(&s.backend()),
         },
         "num_requests_running": s.num_running.load(r),
         "num_requests_waiting": s.num_waiting.load(r),

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use inferd_engine::EngineHandle;
+use inferd_engine::{BackendHealth, BackendStatus, EngineHandle};
 use inferd_models::{ChatTemplate, TextTokenizer};
 
 use crate::error::ApiError;
@@ -111,12 +111,18 @@ impl AppState {
         self.phase.store(phase as u8, Ordering::Relaxed);
     }
 
-    /// Why the engine is unhealthy, if it is: stopped, or busy without a
-    /// finished step for longer than the stall timeout.
+    /// Why the engine is unhealthy, if it is: stopped, its backend failed
+    /// (a hardware error) or restarting (its worker died or hung), or busy
+    /// without a finished step for longer than the stall timeout.
     pub fn engine_problem(&self) -> Option<&'static str> {
         let serving = self.serving.get()?;
         if serving.engine.stats().stopped.load(Ordering::Relaxed) {
             return Some("engine_stopped");
+        }
+        match serving.engine.stats().backend().health {
+            BackendHealth::Up => {}
+            BackendHealth::Restarting { .. } => return Some("backend_restarting"),
+            BackendHealth::Failed { .. } => return Some("backend_failed"),
         }
         match serving.engine.stalled_for() {
             Some(d) if d > self.stall_timeout => Some("stalled"),
@@ -133,7 +139,32 @@ impl AppState {
     }
 }
 
+/// The backend's health for /ready and /stats.
+pub fn backend_json(b: &BackendStatus) -> serde_json::Value {
+    let (status, reason) = match &b.health {
+        BackendHealth::Up => ("up", None),
+        BackendHealth::Restarting { reason } => ("restarting", Some(reason)),
+        BackendHealth::Failed { reason } => ("failed", Some(reason)),
+    };
+    serde_json::json!({"status": status, "reason": reason, "restarts": b.restarts})
+}
+
 impl Serving {
+    /// Refuses new work with 503 while the backend cannot run it.
+    pub fn check_backend(&self) -> Result<(), ApiError> {
+        match self.engine.stats().backend().health {
+            BackendHealth::Up => Ok(()),
+            BackendHealth::Restarting { .. } => Err(ApiError::Unavailable {
+                message: "The model's worker is restarting after a failure; retry shortly.".into(),
+                retry_after_secs: 5,
+            }),
+            BackendHealth::Failed { .. } => Err(ApiError::Unavailable {
+                message: "This instance's accelerator failed and it is being taken out of service; retry on another instance.".into(),
+                retry_after_secs: 60,
+            }),
+        }
+    }
+
     /// Refuses a request naming another model, or a model the tenant may
     /// not use.
     pub fn check_model(&self, requested: Option<&str>, caller: &Caller) -> Result<(), ApiError> {

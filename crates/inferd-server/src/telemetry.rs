@@ -73,6 +73,9 @@ pub fn render(
         let ratio = if total == 0 { 0.0 } else { s.kv_blocks_used() as f64 / total as f64 };
         metrics::gauge!(m::KV_CACHE_USAGE_RATIO).set(ratio);
         metrics::counter!(m::PREEMPTIONS_TOTAL).absolute(s.num_preemptions.load(r));
+        metrics::counter!(m::BACKEND_RESTARTS_TOTAL).absolute(s.backend_restarts.load(r));
+        let up = s.backend().health == inferd_engine::BackendHealth::Up;
+        metrics::gauge!(m::BACKEND_UP).set(if up { 1.0 } else { 0.0 });
         metrics::counter!(m::PREFIX_CACHE_QUERIES_TOTAL).absolute(s.prefix_query_tokens.load(r));
         metrics::counter!(m::PREFIX_CACHE_HITS_TOTAL).absolute(s.prefix_hit_tokens.load(r));
     }

@@ -88,6 +88,18 @@ pub fn check_compiled_prompt(prompt_len: usize, max: Option<usize>) -> Result<()
     }
 }
 
+/// Refuses sampling parameters a backend that samples on its device cannot
+/// honour, naming the parameter (never silently ignored).
+pub fn check_device_sampling(
+    params: &inferd_core::SamplingParams,
+    device: Option<inferd_contract::DeviceSampling>,
+) -> Result<(), ApiError> {
+    match device.and_then(|d| d.refuses(params)) {
+        Some((param, message)) => Err(ApiError::invalid(message, param)),
+        None => Ok(()),
+    }
+}
+
 /// The deadline of a request: its `timeout` field (seconds, positive),
 /// capped by the server's `--request-timeout`.
 pub fn request_timeout(field: Option<f64>, server: Duration) -> Result<Duration, ApiError> {
@@ -203,6 +215,18 @@ mod tests {
             let err = request_timeout(Some(bad), server).unwrap_err();
             assert!(err.message().starts_with("timeout must be a positive"), "{bad}: {}", err.message());
         }
+    }
+
+    #[test]
+    fn device_samplers_refuse_parameters_they_cannot_honour_by_name() {
+        let device = Some(inferd_contract::DeviceSampling { max_top_k: 256 });
+        let plain = inferd_core::SamplingParams { temperature: 0.5, top_p: 0.9, ..Default::default() };
+        assert!(check_device_sampling(&plain, device).is_ok());
+        let penalty = inferd_core::SamplingParams { frequency_penalty: 0.5, ..plain.clone() };
+        assert!(check_device_sampling(&penalty, None).is_ok(), "the host sampler does everything");
+        let err = check_device_sampling(&penalty, device).unwrap_err();
+        assert_eq!(err.body()["error"]["param"], "frequency_penalty");
+        assert!(err.message().contains("samples on its device"), "{}", err.message());
     }
 
     #[test]

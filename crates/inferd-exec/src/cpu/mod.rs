@@ -66,7 +66,7 @@ impl CpuExecutor {
             supported_dtypes: CPU_DTYPES.to_vec(),
             kv_dtype: cfg.kv_dtype,
             shape_buckets: None,
-            samples_on_device: false,
+            device_sampling: None,
         };
         Ok(CpuExecutor { cache: KvCache::new(cfg.kv_dtype, mc.num_layers, elems), model, caps })
     }

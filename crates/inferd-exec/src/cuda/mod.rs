@@ -132,7 +132,7 @@ impl CudaExecutor {
             supported_dtypes: CUDA_DTYPES.to_vec(),
             kv_dtype: dtype,
             shape_buckets: None,
-            samples_on_device: false,
+            device_sampling: None,
         };
         tracing::info!(
             gpu = %facts.name,
