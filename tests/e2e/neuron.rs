@@ -161,11 +161,14 @@ async fn a_dead_worker_is_replaced_and_a_hardware_error_takes_the_instance_out()
         std::process::Command::new("kill").args(["-9", &worker[0].to_string()]).status().unwrap().success()
     );
     let body = rest_of(stream).await;
-    assert!(body.contains("died during step") && body.contains("server_error"), "{body}");
+    assert!(
+        body.contains("the Neuron worker") && body.contains("SIGKILL") && body.contains("server_error"),
+        "{body}"
+    );
     let seen = ready_again(&srv).await;
     assert!(
         seen.iter().any(|b| b["status"] == "backend_restarting"
-            && b["backend"]["reason"].as_str().unwrap_or("").contains("died")),
+            && b["backend"]["reason"].as_str().unwrap_or("").contains("SIGKILL")),
         "readiness reported the restart: {seen:?}"
     );
     let (_, health) = get(&srv, "/health").await;

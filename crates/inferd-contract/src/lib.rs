@@ -40,6 +40,12 @@ pub trait ModelExecutor: Send {
     /// Writes the step's K/V through the slot mapping, attends through the
     /// block tables, and returns one output row per `input.logits_rows`.
     fn execute(&mut self, input: &ModelInput) -> Result<ModelOutput, ExecError>;
+    /// Reports a backend that lost its state between steps (its worker
+    /// exited while idle) before work is scheduled onto it. Cheap: the
+    /// engine calls it before every step and about once a second while idle.
+    fn check(&mut self) -> Result<(), ExecError> {
+        Ok(())
+    }
     /// Brings back a backend whose `execute` failed with
     /// [`ExecError::Lost`] (restarts its worker); it then holds no sequence
     /// and no cached KV. Backends that cannot lose their state refuse.
@@ -54,6 +60,9 @@ impl<E: ModelExecutor + ?Sized> ModelExecutor for Box<E> {
     }
     fn execute(&mut self, input: &ModelInput) -> Result<ModelOutput, ExecError> {
         (**self).execute(input)
+    }
+    fn check(&mut self) -> Result<(), ExecError> {
+        (**self).check()
     }
     fn recover(&mut self) -> Result<(), ExecError> {
         (**self).recover()

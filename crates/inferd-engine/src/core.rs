@@ -184,6 +184,16 @@ impl<E: ModelExecutor> EngineCore<E> {
         &self.health
     }
 
+    /// Asks the backend whether it lost its state since the last step; if
+    /// it did, ends the sequences it held (see [`BackendHealth`]).
+    pub fn check_backend(&mut self) -> Vec<SeqOutput> {
+        match self.executor.check() {
+            Ok(()) => Vec::new(),
+            Err(e @ ExecError::Hardware(_)) => self.lose_backend(&e),
+            Err(e) => self.lose_backend(&ExecError::Lost(e.to_string())),
+        }
+    }
+
     /// Restarts a backend that lost its state. On success the engine
     /// steps again; a hardware error makes the failure final.
     pub fn recover(&mut self) -> Result<(), ExecError> {
@@ -232,6 +242,10 @@ impl<E: ModelExecutor> EngineCore<E> {
     pub fn step(&mut self) -> Result<Vec<SeqOutput>, EngineError> {
         if self.health != BackendHealth::Up {
             return Ok(Vec::new());
+        }
+        let lost = self.check_backend();
+        if self.health != BackendHealth::Up {
+            return Ok(lost);
         }
         let out = self.scheduler.schedule();
         self.last_step_tokens = out.num_scheduled_tokens;

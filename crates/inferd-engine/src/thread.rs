@@ -21,6 +21,8 @@ use crate::{BackendHealth, EngineConfig, EngineCore, EngineError, SeqOutput};
 /// restart; doubled after each failure up to [`MAX_RESTART_BACKOFF`].
 const FIRST_RESTART_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
+/// How often an idle engine asks its backend whether it is still there.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 enum Command {
     Add { req: SequenceRequest, events: UnboundedSender<StreamEvent> },
@@ -263,19 +265,30 @@ impl<E: ModelExecutor> EngineLoop<E> {
             // Sleep until a command arrives when idle (or until the next
             // restart of a lost backend); never spin.
             let up = *self.core.health() == BackendHealth::Up;
-            let first = if up && self.core.has_work() {
-                None
-            } else if let Some((at, _)) = self.next_restart {
-                match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+            // Idle with a healthy backend: wake now and then to ask it
+            // whether it is still there (a worker can die between steps).
+            let wait = match self.next_restart {
+                _ if up && self.core.has_work() => None,
+                Some((at, _)) => Some(at.saturating_duration_since(Instant::now())),
+                None if up => Some(IDLE_CHECK),
+                None => Some(Duration::MAX),
+            };
+            let first = match wait {
+                None => None,
+                Some(d) => match self.rx.recv_timeout(d) {
                     Ok(cmd) => Some(cmd),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if up && !self.core.has_work() {
+                            let lost = self.core.check_backend();
+                            self.health_changed();
+                            for o in lost {
+                                self.deliver(o);
+                            }
+                        }
+                        None
+                    }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match self.rx.recv() {
-                    Ok(cmd) => Some(cmd),
-                    Err(_) => break,
-                }
+                },
             };
             let mut open = first.is_none_or(|cmd| self.handle(cmd));
             while let Ok(cmd) = self.rx.try_recv() {
@@ -327,6 +340,18 @@ impl<E: ModelExecutor> EngineLoop<E> {
             Command::Shutdown => return false,
         }
         true
+    }
+
+    /// Publishes a backend that is no longer up and plans its restart: the
+    /// first at once, backoff only after a failed one.
+    fn health_changed(&mut self) {
+        if *self.core.health() == BackendHealth::Up || self.next_restart.is_some() {
+            return;
+        }
+        self.stats.publish_health(self.core.health());
+        if matches!(self.core.health(), BackendHealth::Restarting { .. }) {
+            self.next_restart = Some((Instant::now(), FIRST_RESTART_BACKOFF));
+        }
     }
 
     /// Tries to bring a lost backend back; on failure waits twice as long
@@ -388,13 +413,7 @@ impl<E: ModelExecutor> EngineLoop<E> {
         // Publish before delivering, so a client that sees its request end
         // also sees its blocks freed in /stats and /metrics.
         self.stats.publish(&self.core.stats());
-        if *self.core.health() != BackendHealth::Up {
-            self.stats.publish_health(self.core.health());
-            if matches!(self.core.health(), BackendHealth::Restarting { .. }) {
-                // The first restart is at once; backoff only after a failed one.
-                self.next_restart = Some((Instant::now(), FIRST_RESTART_BACKOFF));
-            }
-        }
+        self.health_changed();
         for o in outputs {
             self.deliver(o);
         }

@@ -349,12 +349,27 @@ fn a_worker_killed_mid_stream_ends_its_streams_and_is_restarted() {
     let status = std::process::Command::new("kill").args(["-9", &worker[0].to_string()]).status().unwrap();
     assert!(status.success());
     for rx in &mut streams {
-        ends_with_error(&drain(rx), "died during step");
+        // "died during step N" or "exited between steps": where the kill landed.
+        ends_with_error(&drain(rx), "(signal: 9 (SIGKILL))");
     }
     serves_again(&handle);
     assert_eq!(handle.stats().backend().restarts, 1);
     assert!(!children().contains(&worker[0]), "the dead worker was reaped");
     wait_until("every block is free", || handle.stats().kv_blocks_used() == 0);
+    handle.shutdown();
+}
+
+fn a_worker_that_dies_while_idle_is_replaced_before_the_next_request() {
+    let before = children();
+    let (handle, _) = engine_with("idle", &[], Duration::from_secs(30));
+    let worker: Vec<u32> = children().into_iter().filter(|p| !before.contains(p)).collect();
+    assert_eq!(worker.len(), 1, "one worker process");
+    assert!(
+        std::process::Command::new("kill").args(["-9", &worker[0].to_string()]).status().unwrap().success()
+    );
+    // No request is needed to notice: the idle engine asks every second.
+    wait_until("the idle engine replaced its worker", || handle.stats().backend().restarts == 1);
+    serves_again(&handle);
     handle.shutdown();
 }
 
@@ -405,7 +420,7 @@ fn main() {
     if args.iter().any(|a| a == "--socket") {
         std::process::exit(inferd_exec::neuron::standin::main_with_args(&args));
     }
-    let tests: [(&str, fn()); 7] = [
+    let tests: [(&str, fn()); 8] = [
         (
             "greedy_through_the_stand_in_equals_the_cpu_executor",
             greedy_through_the_stand_in_equals_the_cpu_executor,
@@ -421,6 +436,10 @@ fn main() {
         (
             "a_worker_killed_mid_stream_ends_its_streams_and_is_restarted",
             a_worker_killed_mid_stream_ends_its_streams_and_is_restarted,
+        ),
+        (
+            "a_worker_that_dies_while_idle_is_replaced_before_the_next_request",
+            a_worker_that_dies_while_idle_is_replaced_before_the_next_request,
         ),
         ("a_hung_step_is_detected_and_the_worker_replaced", a_hung_step_is_detected_and_the_worker_replaced),
         (

@@ -201,6 +201,16 @@ impl ModelExecutor for NeuronExecutor {
         }
     }
 
+    fn check(&mut self) -> Result<(), ExecError> {
+        match self.worker.as_mut().map(WorkerProcess::exited) {
+            Some(Some(status)) => {
+                Err(self.lose(format!("the Neuron worker exited ({status}) between steps")))
+            }
+            Some(None) => Ok(()),
+            None => Err(ExecError::Lost("the Neuron worker is not running".into())),
+        }
+    }
+
     fn recover(&mut self) -> Result<(), ExecError> {
         if let Some(w) = self.worker.take() {
             w.stop();

@@ -120,6 +120,11 @@ impl WorkerProcess {
         }
     }
 
+    /// The worker's exit status, if it has exited.
+    pub(super) fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub(super) fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -22,6 +22,9 @@
 //! the file named by `INFERD_STANDIN_FAULTS`, when it exists at a step, is
 //! read, removed and obeyed: `exit` (the process dies mid-step), `sleep MS`,
 //! `hardware` or `internal` (that failure is reported for the step).
+//! Bench hook: with `INFERD_STANDIN_ECHO=1` every check still runs but the
+//! model does not (each sampled row gets token 1), so a step costs only the
+//! protocol round trip (benches/neuron_roundtrip.rs).
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
@@ -118,6 +121,7 @@ pub struct StandIn {
     /// The position written to each KV slot, if any.
     slots: Vec<Option<u32>>,
     faults: Option<PathBuf>,
+    echo: bool,
 }
 
 impl StandIn {
@@ -162,6 +166,7 @@ impl StandIn {
             params: HashMap::new(),
             slots,
             faults: std::env::var_os("INFERD_STANDIN_FAULTS").map(PathBuf::from),
+            echo: std::env::var_os("INFERD_STANDIN_ECHO").is_some_and(|v| v == "1"),
         })
     }
 
@@ -214,17 +219,17 @@ impl StandIn {
             }
         }
         self.fault()?;
+        if self.echo {
+            self.record(&input);
+            let token = SampledToken { token: 1, logprobs: None };
+            return Ok(vec![token; input.logits_rows.len()]);
+        }
         let logits = self
             .exec
             .execute(&input)
             .and_then(|out| out.into_logits())
             .map_err(|e| (FailureKind::Internal, e.to_string()))?;
-        for i in 0..input.num_tokens() {
-            self.slots[input.slot_mapping[i] as usize] = Some(input.positions[i]);
-        }
-        for (s, &id) in input.seq_ids.iter().enumerate() {
-            self.held.insert(id, input.context_lens[s]);
-        }
+        self.record(&input);
         let mut logits = logits;
         let rows = input.row_seqs();
         let mut out = Vec::with_capacity(rows.len());
@@ -239,6 +244,16 @@ impl StandIn {
             out.push(sample(logits.row_mut(row), &ctx));
         }
         Ok(out)
+    }
+
+    /// What the step wrote: each slot's position, each sequence's length.
+    fn record(&mut self, input: &inferd_contract::ModelInput) {
+        for i in 0..input.num_tokens() {
+            self.slots[input.slot_mapping[i] as usize] = Some(input.positions[i]);
+        }
+        for (s, &id) in input.seq_ids.iter().enumerate() {
+            self.held.insert(id, input.context_lens[s]);
+        }
     }
 
     /// A prefill starting at `first` > 0 reuses whole cached blocks: each
