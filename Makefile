@@ -6,7 +6,7 @@ CARGO ?= cargo
 # build in target/ is never overwritten by a native one.
 NATIVE_TARGET_DIR ?= target/native
 
-.PHONY: test fmt-check clippy unit bench fmt model venv serve build cuda-toolkit cuda-check neuron-check gpu-bundle fuzz faults \
+.PHONY: test fmt-check clippy unit bench fmt model venv serve build cuda-toolkit cuda-check neuron-check stores gpu-bundle fuzz faults \
 	deploy-check lint-tools test-cluster cluster-check
 
 PYTHON ?= python3
@@ -78,8 +78,12 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-unit:
+unit: stores
 	$(CARGO) test --workspace --locked
+
+## stores: Debian's Redis for the tests of the fleet-wide limits store
+stores:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 
 ## neuron-check: the Neuron worker's host side and compile plan, without the Neuron SDK
 neuron-check:

@@ -5,6 +5,7 @@ mod backends;
 mod deploy;
 mod drain;
 mod errors;
+mod fleet;
 mod harness;
 mod hostile;
 mod ledger;

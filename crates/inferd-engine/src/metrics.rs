@@ -1,6 +1,7 @@
-//! Every Prometheus metric inferd exports: names, kinds and help texts in
-//! one place. The engine thread records per-step metrics; the server records
+//! The Prometheus metrics of serving: names, kinds and help texts in one
+//! place. The engine thread records per-step metrics; the server records
 //! per-request ones and mirrors the engine's counters at scrape time.
+//! Tenants, the ledger and cost have theirs in `inferd_gateway::metrics`.
 
 /// Histograms, labelled by `model`.
 pub const TIME_TO_FIRST_TOKEN: &str = "inferd_time_to_first_token_seconds";
@@ -30,21 +31,6 @@ pub const PANICS_TOTAL: &str = "inferd_panics_total";
 pub const BACKEND_RESTARTS_TOTAL: &str = "inferd_backend_restarts_total";
 /// 1 while the backend runs steps, 0 while it restarts or after it failed.
 pub const BACKEND_UP: &str = "inferd_backend_up";
-/// Per tenant (configured tenants only, so the label set stays bounded).
-pub const TENANT_REQUESTS_TOTAL: &str = "inferd_tenant_requests_total";
-pub const TENANT_PROMPT_TOKENS_TOTAL: &str = "inferd_tenant_prompt_tokens_total";
-pub const TENANT_GENERATION_TOKENS_TOTAL: &str = "inferd_tenant_generation_tokens_total";
-pub const TENANT_REJECTIONS_TOTAL: &str = "inferd_tenant_rejections_total";
-pub const FEEDBACK_TOTAL: &str = "inferd_feedback_total";
-pub const CONFIG_RELOADS_TOTAL: &str = "inferd_config_reloads_total";
-pub const COST_PER_MILLION_TOKENS: &str = "inferd_cost_per_million_tokens_usd";
-pub const COST_THROUGHPUT: &str = "inferd_cost_throughput_tokens_per_second";
-pub const LEDGER_RECORDS_TOTAL: &str = "inferd_ledger_records_total";
-pub const LEDGER_COMMITS_TOTAL: &str = "inferd_ledger_commits_total";
-pub const LEDGER_BUSY_SECONDS: &str = "inferd_ledger_busy_seconds";
-pub const LEDGER_ERRORS_TOTAL: &str = "inferd_ledger_errors_total";
-pub const LEDGER_PENDING: &str = "inferd_ledger_pending";
-pub const LEDGER_FAILING: &str = "inferd_ledger_failing";
 pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "inferd_prefix_cache_queries_total";
 pub const PREFIX_CACHE_HITS_TOTAL: &str = "inferd_prefix_cache_hits_total";
 
@@ -91,29 +77,6 @@ pub fn describe() {
         "1 while the backend runs steps; 0 while it restarts or after a hardware error."
     );
     describe_counter!(PANICS_TOTAL, "Panics caught while handling a request (answered 500), by where.");
-    describe_counter!(TENANT_REQUESTS_TOTAL, "Requests that ran, by tenant and outcome.");
-    describe_counter!(TENANT_PROMPT_TOKENS_TOTAL, "Prompt tokens metered, by tenant.");
-    describe_counter!(TENANT_GENERATION_TOKENS_TOTAL, "Completion tokens metered, by tenant.");
-    describe_counter!(TENANT_REJECTIONS_TOTAL, "Requests refused, by tenant and reason.");
-    describe_counter!(
-        FEEDBACK_TOTAL,
-        "Ratings received, by model and rating (last rating wins per request)."
-    );
-    describe_gauge!(
-        COST_PER_MILLION_TOKENS,
-        "Estimated USD per million tokens: --instance-hourly-cost over measured busy throughput."
-    );
-    describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads on SIGHUP, by result (ok or error).");
-    describe_gauge!(COST_THROUGHPUT, "Tokens per busy engine second over the cost window.");
-    describe_counter!(LEDGER_RECORDS_TOTAL, "Usage records committed to the ledger.");
-    describe_counter!(LEDGER_COMMITS_TOTAL, "Ledger transactions committed (each holds a batch).");
-    describe_gauge!(LEDGER_BUSY_SECONDS, "Seconds the ledger writer has spent committing since start.");
-    describe_counter!(LEDGER_ERRORS_TOTAL, "Failed ledger commits (retried; records are kept).");
-    describe_gauge!(LEDGER_PENDING, "Ledger operations queued and not yet committed.");
-    describe_gauge!(
-        LEDGER_FAILING,
-        "1 while the ledger's last commit failed (records are kept and retried)."
-    );
     describe_counter!(PREFIX_CACHE_QUERIES_TOTAL, "Prompt tokens looked up in the prefix cache.");
     describe_counter!(PREFIX_CACHE_HITS_TOTAL, "Prompt tokens found in the prefix cache.");
 }

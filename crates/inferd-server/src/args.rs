@@ -111,6 +111,15 @@ pub fn parse_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `open` or `closed`.
+pub fn parse_store_failure(s: &str) -> Result<inferd_gateway::limits::StoreFailure, String> {
+    match s.trim() {
+        "open" => Ok(inferd_gateway::limits::StoreFailure::Open),
+        "closed" => Ok(inferd_gateway::limits::StoreFailure::Closed),
+        other => Err(format!("expected open or closed, got {other:?}")),
+    }
+}
+
 /// Parses a count of days in (0, 100 years].
 pub fn parse_days(s: &str) -> Result<f64, String> {
     let v: f64 = s.trim().parse().map_err(|_| format!("invalid number of days {s:?}"))?;
@@ -266,6 +275,18 @@ pub struct ServeArgs {
     /// process: records survive a crash of inferd; full: power loss too.
     #[arg(long, env = "INFERD_LEDGER_DURABILITY", value_enum, default_value = "process")]
     pub ledger_durability: LedgerDurability,
+    /// Share rate limits and token quotas across instances through this
+    /// Redis (`redis://host:port/db`); without it each instance counts alone.
+    #[arg(long, env = "INFERD_LIMITS_STORE")]
+    pub limits_store: Option<String>,
+    /// When the limits store cannot be reached: `open` falls back to this
+    /// instance's own limits (counted in inferd_limits_store_errors_total),
+    /// `closed` refuses requests with 503 and Retry-After.
+    #[arg(long, env = "INFERD_LIMITS_STORE_FAILURE", default_value = "open", value_parser = parse_store_failure)]
+    pub limits_store_failure: inferd_gateway::limits::StoreFailure,
+    /// Seconds a limits-store check may take before it counts as failed.
+    #[arg(long, env = "INFERD_LIMITS_STORE_TIMEOUT", default_value_t = 0.25, value_parser = parse_seconds)]
+    pub limits_store_timeout: f64,
     /// Delete usage records older than this many days (checked hourly);
     /// kept forever when unset.
     #[arg(long, env = "INFERD_LEDGER_RETENTION_DAYS", value_parser = parse_days)]

@@ -8,7 +8,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use inferd_engine::metrics as m;
+use inferd_gateway::metrics as m;
 
 use crate::error::Rejected;
 use crate::limits::BucketView;
@@ -51,7 +51,9 @@ fn set_bucket(resp: &mut Response, names: [&'static str; 3], bucket: Option<Buck
 
 /// Authenticates the request into a [`crate::tenants::Caller`] extension.
 pub async fn authenticate(State(st): State<SharedState>, mut req: Request, next: Next) -> Response {
-    let caller = match st.tenants().authenticate(req.headers()) {
+    let authorization =
+        req.headers().get(axum::http::header::AUTHORIZATION).map(|v| v.to_str().map_err(|_| ()));
+    let caller = match st.tenants().authenticate(authorization).map_err(crate::error::ApiError::from) {
         Ok(c) => c,
         Err(e) => {
             metrics::counter!(m::TENANT_REJECTIONS_TOTAL, "tenant" => UNAUTHENTICATED, "reason" => e.reason())

@@ -179,6 +179,10 @@ impl ApiError {
                 ),
                 "max_tokens",
             ),
+            Refusal::StoreUnavailable { retry_after } => ApiError::Unavailable {
+                message: "The shared limits store cannot be reached and this server refuses requests it cannot count; retry shortly.".into(),
+                retry_after_secs: retry_after.as_secs().max(1),
+            },
             Refusal::SwitchedOff { kind } => ApiError::Forbidden(format!(
                 "Tenant `{tenant}` is switched off: its {} is 0. Ask the operator to raise it.",
                 kind.as_str()
@@ -225,6 +229,22 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert("retry-after", secs.max(1).into());
         }
         resp
+    }
+}
+
+impl From<inferd_gateway::tenants::AuthError> for ApiError {
+    fn from(e: inferd_gateway::tenants::AuthError) -> Self {
+        ApiError::Unauthorized { message: e.message, code: e.code }
+    }
+}
+
+impl From<inferd_gateway::usage_query::QueryError> for ApiError {
+    fn from(e: inferd_gateway::usage_query::QueryError) -> Self {
+        use inferd_gateway::usage_query::QueryError as Q;
+        match e {
+            Q::Invalid { message, param } => ApiError::invalid(message, param),
+            Q::Forbidden(m) => ApiError::Forbidden(m),
+        }
     }
 }
 

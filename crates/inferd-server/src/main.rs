@@ -80,7 +80,12 @@ fn load_tenants(
 
 /// Re-reads --config on SIGHUP; a config that does not load leaves the
 /// running one in place.
-async fn reload_on_sighup(st: Arc<AppState>, args: ServeArgs, ledger: Arc<Ledger>) {
+async fn reload_on_sighup(
+    st: Arc<AppState>,
+    args: ServeArgs,
+    ledger: Arc<Ledger>,
+    shared: Option<(inferd_gateway::shared_limits::SharedLimits, inferd_gateway::limits::StoreFailure)>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
     while hup.recv().await.is_some() {
@@ -89,13 +94,16 @@ async fn reload_on_sighup(st: Arc<AppState>, args: ServeArgs, ledger: Arc<Ledger
         match loaded {
             Ok(Ok(tenants)) => {
                 tracing::info!(tenants = tenants.all().len(), "config reloaded");
-                metrics::counter!(inferd_engine::metrics::CONFIG_RELOADS_TOTAL, "result" => "ok")
+                if let Some((store, on_failure)) = &shared {
+                    tenants.share_limits(store, *on_failure);
+                }
+                metrics::counter!(inferd_gateway::metrics::CONFIG_RELOADS_TOTAL, "result" => "ok")
                     .increment(1);
                 st.set_tenants(tenants);
             }
             Ok(Err(e)) => {
                 tracing::error!("config reload failed, keeping the running config: {e:#}");
-                metrics::counter!(inferd_engine::metrics::CONFIG_RELOADS_TOTAL, "result" => "error")
+                metrics::counter!(inferd_gateway::metrics::CONFIG_RELOADS_TOTAL, "result" => "error")
                     .increment(1);
             }
             Err(e) => tracing::error!("config reload failed: {e}"),
@@ -165,10 +173,10 @@ async fn sample_costs(st: Arc<AppState>) {
         let busy = serving.engine.stats().busy_micros.load(std::sync::atomic::Ordering::Relaxed);
         if let Some((throughput, per_million)) = st.cost.sample(busy) {
             let model = serving.model_name.to_string();
-            metrics::gauge!(inferd_engine::metrics::COST_THROUGHPUT, "model" => model.clone())
+            metrics::gauge!(inferd_gateway::metrics::COST_THROUGHPUT, "model" => model.clone())
                 .set(throughput);
             if let Some(c) = per_million {
-                metrics::gauge!(inferd_engine::metrics::COST_PER_MILLION_TOKENS, "model" => model).set(c);
+                metrics::gauge!(inferd_gateway::metrics::COST_PER_MILLION_TOKENS, "model" => model).set(c);
             }
         }
     }
@@ -257,6 +265,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
     let (ledger, tenants) = open_accounts(&args)?;
+    // Rate limits and quotas shared by the fleet, when a store is given.
+    let shared = match &args.limits_store {
+        Some(url) => {
+            let store = inferd_gateway::shared_limits::SharedLimits::connect(
+                url,
+                std::time::Duration::from_secs_f64(args.limits_store_timeout.max(0.01)),
+            )
+            .await
+            .with_context(|| format!("connecting to the limits store {url} (--limits-store)"))?;
+            let on_failure = args.limits_store_failure;
+            tenants.share_limits(&store, on_failure);
+            tracing::info!(store = %url, ?on_failure, "rate limits and quotas are shared through the limits store");
+            Some((store, on_failure))
+        }
+        None => None,
+    };
     let state = Arc::new(AppState {
         tenants: std::sync::RwLock::new(Arc::new(tenants)),
         ledger: Some(ledger.clone()),
@@ -276,7 +300,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(prune_ledger(ledger.clone(), days));
     }
     // Before the model loads: SIGHUP's default action would end the process.
-    tokio::spawn(reload_on_sighup(state.clone(), args.clone(), ledger.clone()));
+    tokio::spawn(reload_on_sighup(state.clone(), args.clone(), ledger.clone(), shared));
     let limits = args.conn_limits();
     let app = routes::router(state.clone(), limits);
     let drain = drain::Drain {

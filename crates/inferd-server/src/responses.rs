@@ -22,13 +22,7 @@ pub struct Envelope {
     pub route: Route,
 }
 
-/// Token accounting of a whole request.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct UsageTotals {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub cached_tokens: u32,
-}
+pub use inferd_gateway::meter::UsageTotals;
 
 pub fn usage_json(u: UsageTotals) -> Value {
     json!({

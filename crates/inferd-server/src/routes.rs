@@ -332,6 +332,20 @@ fn feature_tag(
     }
 }
 
+/// The engine's busy time, which prices tokens in the meter.
+#[derive(Debug)]
+struct EngineBusy(inferd_engine::EngineHandle);
+
+impl inferd_gateway::meter::BusyTime for EngineBusy {
+    fn busy_micros(&self) -> u64 {
+        self.0.stats().busy_micros.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+fn busy_micros(engine: &inferd_engine::EngineHandle) -> std::sync::Arc<dyn inferd_gateway::meter::BusyTime> {
+    std::sync::Arc::new(EngineBusy(engine.clone()))
+}
+
 /// Starts the choices and answers in one body or as a stream.
 async fn run(
     st: &crate::state::AppState,
@@ -373,7 +387,8 @@ async fn run(
     let charge = prompts.iter().map(|p| p.len() as u64).sum::<u64>()
         + prompts.len() as u64 * u64::from(params.n) * u64::from(params.max_tokens);
     let tenant = &ctx.caller.tenant;
-    let ticket = tenant.limiter.admit(charge).map_err(|r| ApiError::from_refusal(&tenant.id, r))?;
+    let ticket =
+        tenant.limiter.admit_shared(charge).await.map_err(|r| ApiError::from_refusal(&tenant.id, r))?;
     let prefix = if route == Route::Chat { "chatcmpl" } else { "cmpl" };
     let panic_in_stream = ctx.panic_in_stream;
     let envelope = Envelope {
@@ -397,7 +412,7 @@ async fn run(
         ticket,
         st.ledger.clone(),
         st.cost.clone(),
-        serving.engine.clone(),
+        busy_micros(&serving.engine),
         st.live_meters.clone(),
     );
     let choices = start_choices(st, serving, prompts, &params, timeout, &meter)?;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use inferd_core::FinishReason;
 use inferd_engine::EngineStats;
 use inferd_engine::metrics as m;
+use inferd_gateway::metrics as g;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Installs the global Prometheus recorder with inferd's buckets.
@@ -27,6 +28,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         builder.set_buckets_for_metric(Matcher::Full(m::ENGINE_STEP_TOKENS.into()), &m::TOKEN_BUCKETS)?;
     let handle = builder.install_recorder()?;
     m::describe();
+    g::describe();
     Ok(handle)
 }
 
@@ -56,12 +58,12 @@ pub fn render(
 ) -> String {
     if let Some(l) = ledger {
         let r = Ordering::Relaxed;
-        metrics::counter!(m::LEDGER_RECORDS_TOTAL).absolute(l.records_written.load(r));
-        metrics::counter!(m::LEDGER_COMMITS_TOTAL).absolute(l.commits.load(r));
-        metrics::counter!(m::LEDGER_ERRORS_TOTAL).absolute(l.errors.load(r));
-        metrics::gauge!(m::LEDGER_BUSY_SECONDS).set(l.commit_micros.load(r) as f64 / 1e6);
-        metrics::gauge!(m::LEDGER_PENDING).set(l.pending.load(r) as f64);
-        metrics::gauge!(m::LEDGER_FAILING).set(if l.failing.load(r) { 1.0 } else { 0.0 });
+        metrics::counter!(g::LEDGER_RECORDS_TOTAL).absolute(l.records_written.load(r));
+        metrics::counter!(g::LEDGER_COMMITS_TOTAL).absolute(l.commits.load(r));
+        metrics::counter!(g::LEDGER_ERRORS_TOTAL).absolute(l.errors.load(r));
+        metrics::gauge!(g::LEDGER_BUSY_SECONDS).set(l.commit_micros.load(r) as f64 / 1e6);
+        metrics::gauge!(g::LEDGER_PENDING).set(l.pending.load(r) as f64);
+        metrics::gauge!(g::LEDGER_FAILING).set(if l.failing.load(r) { 1.0 } else { 0.0 });
     }
     if let Some(s) = stats {
         let r = Ordering::Relaxed;

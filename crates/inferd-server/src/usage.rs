@@ -7,8 +7,8 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use inferd_engine::metrics as m;
-use inferd_ledger::{GroupBy, Rating, Summary, SummaryRow, UsageQuery};
+use inferd_gateway::metrics as m;
+use inferd_ledger::{GroupBy, Rating, Summary, SummaryRow};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -17,7 +17,6 @@ use crate::error::ApiError;
 use crate::state::SharedState;
 use crate::tenants::Caller;
 
-const PARAMS: [&str; 5] = ["start", "end", "group_by", "tenant", "format"];
 const MAX_COMMENT_CHARS: usize = 2000;
 
 fn ledger(st: &SharedState) -> Result<std::sync::Arc<inferd_ledger::Ledger>, ApiError> {
@@ -25,68 +24,6 @@ fn ledger(st: &SharedState) -> Result<std::sync::Arc<inferd_ledger::Ledger>, Api
         message: "This server keeps no usage ledger.".into(),
         retry_after_secs: 60,
     })
-}
-
-/// Parses the query into a ledger query, scoped to what the caller may see.
-fn parse_query(q: &HashMap<String, String>, caller: &Caller) -> Result<(UsageQuery, bool), ApiError> {
-    if let Some(unknown) = q.keys().find(|k| !PARAMS.contains(&k.as_str())) {
-        return Err(ApiError::invalid(
-            format!("unknown query parameter {unknown:?}; expected one of {}", PARAMS.join(", ")),
-            None,
-        ));
-    }
-    let time = |name: &'static str, default: i64| -> Result<i64, ApiError> {
-        match q.get(name) {
-            None => Ok(default),
-            Some(v) => clock::parse_time(v).map(|s| s * 1000).ok_or_else(|| {
-                ApiError::invalid(
-                    format!(
-                        "{name} must be Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ between 1970 and 9999, got {v:?}"
-                    ),
-                    name,
-                )
-            }),
-        }
-    };
-    let now = clock::now_unix();
-    let start_ms = time("start", clock::month_start(now) * 1000)?;
-    let end_ms = time("end", clock::now_unix_ms() + 1)?;
-    if end_ms <= start_ms {
-        return Err(ApiError::invalid("end must be after start", "end"));
-    }
-    let mut group_by = Vec::new();
-    for g in q.get("group_by").map(|s| s.split(',')).into_iter().flatten().filter(|g| !g.is_empty()) {
-        let g = GroupBy::parse(g.trim()).ok_or_else(|| {
-            ApiError::invalid(
-                format!(
-                    "group_by must be a comma-separated list of model, feature, day, tenant, key; got {g:?}"
-                ),
-                "group_by",
-            )
-        })?;
-        if !group_by.contains(&g) {
-            group_by.push(g);
-        }
-    }
-    let own = caller.tenant.id.to_string();
-    let tenant = match (q.get("tenant"), caller.tenant.admin) {
-        (Some(t), true) => Some(t.clone()),
-        (None, true) => None,
-        (Some(t), false) if *t != own => {
-            return Err(ApiError::Forbidden(format!(
-                "Only admin tenants may read another tenant's usage; this key belongs to `{own}`."
-            )));
-        }
-        (_, false) => Some(own),
-    };
-    let csv = match q.get("format").map(String::as_str) {
-        None | Some("json") => false,
-        Some("csv") => true,
-        Some(other) => {
-            return Err(ApiError::invalid(format!("format must be json or csv, got {other:?}"), "format"));
-        }
-    };
-    Ok((UsageQuery { start_ms, end_ms, tenant, group_by }, csv))
 }
 
 fn row_json(row: &SummaryRow, group_by: &[GroupBy]) -> Value {
@@ -156,7 +93,7 @@ pub async fn usage(
     Extension(caller): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let (query, as_csv) = parse_query(&q, &caller)?;
+    let (query, as_csv) = inferd_gateway::usage_query::parse_query(&q, &caller)?;
     let ledger = ledger(&st)?;
     let q2 = query.clone();
     let summary = tokio::task::spawn_blocking(move || ledger.read(|c| q2.run(c)))

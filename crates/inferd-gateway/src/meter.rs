@@ -12,14 +12,27 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use inferd_core::FinishReason;
-use inferd_engine::EngineHandle;
-use inferd_engine::metrics as m;
 use inferd_ledger::{Ledger, UsageRecord};
 
 use crate::cost::CostTracker;
 use crate::limits::Ticket;
-use crate::responses::UsageTotals;
+use crate::metrics as m;
 use crate::tenants::Caller;
+
+/// Where the engine's busy time comes from (microseconds spent in steps
+/// since it started), which prices tokens; the server reads it from the
+/// engine.
+pub trait BusyTime: Send + Sync + std::fmt::Debug {
+    fn busy_micros(&self) -> u64;
+}
+
+/// A request's token usage as the client is told it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub cached_tokens: u32,
+}
 
 /// How long a completing request waits for its record's commit.
 const COMMIT_WAIT: Duration = Duration::from_secs(10);
@@ -108,8 +121,8 @@ pub struct RequestMeter {
     arrival: Instant,
     ledger: Option<Arc<Ledger>>,
     cost: Arc<CostTracker>,
-    /// For the engine's busy time, which prices tokens.
-    engine: EngineHandle,
+    /// The engine's busy time, which prices tokens.
+    busy: Arc<dyn BusyTime>,
     ticket: Mutex<Option<Ticket>>,
     totals: Mutex<Totals>,
     /// Meters alive in the process; shutdown waits for it to reach zero
@@ -124,7 +137,7 @@ impl RequestMeter {
         ticket: Ticket,
         ledger: Option<Arc<Ledger>>,
         cost: Arc<CostTracker>,
-        engine: EngineHandle,
+        busy: Arc<dyn BusyTime>,
         live: Arc<AtomicUsize>,
     ) -> Arc<Self> {
         live.fetch_add(1, Ordering::AcqRel);
@@ -133,7 +146,7 @@ impl RequestMeter {
             arrival,
             ledger,
             cost,
-            engine,
+            busy,
             ticket: Mutex::new(Some(ticket)),
             totals: Mutex::new(Totals::default()),
             live,
@@ -221,7 +234,7 @@ impl RequestMeter {
             ttft_seconds: secs(t.first_token_at),
             total_seconds: self.arrival.elapsed().as_secs_f64(),
             ts_ms: crate::clock::now_unix_ms(),
-            cost_usd: self.cost.estimate(used, self.engine.stats().busy_micros.load(Ordering::Relaxed)),
+            cost_usd: self.cost.estimate(used, self.busy.busy_micros()),
             prompt_text: self.info.prompt_text.clone(),
             completion_text: completion_text.map(|s| crate::redact::redact(&s)),
         })

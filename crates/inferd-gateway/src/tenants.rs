@@ -6,13 +6,20 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::http::HeaderMap;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
 use crate::limits::{Limiter, LimitsConfig};
+
+/// Why a request's credentials were refused (answered 401); `code` is the
+/// OpenAI error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AuthError {
+    pub message: &'static str,
+    pub code: &'static str,
+}
 
 /// The tenant every request belongs to when none are configured.
 pub const DEFAULT_TENANT: &str = "default";
@@ -254,6 +261,18 @@ impl Tenants {
         Ok(Tenants { tenants, keys })
     }
 
+    /// Checks every tenant's rate limits and quotas against the fleet's
+    /// shared store from now on (concurrency caps stay per instance).
+    pub fn share_limits(
+        &self,
+        store: &crate::shared_limits::SharedLimits,
+        on_failure: crate::limits::StoreFailure,
+    ) {
+        for t in &self.tenants {
+            t.limiter.share(store.clone(), t.id.clone(), on_failure);
+        }
+    }
+
     /// True when no tenants are configured: no keys needed.
     pub fn is_open(&self) -> bool {
         self.keys.is_empty()
@@ -267,22 +286,23 @@ impl Tenants {
         self.tenants.iter().find(|t| &*t.id == id)
     }
 
-    /// The caller a request's `Authorization: Bearer` header names.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    /// The caller an `Authorization` header's value (`Bearer <key>`) names;
+    /// `None` when the header is missing, `Err(())` inside when it is not
+    /// text.
+    pub fn authenticate(&self, authorization: Option<Result<&str, ()>>) -> Result<Caller, AuthError> {
         if self.is_open() {
             return Ok(Caller { tenant: self.tenants[0].clone(), key_id: None });
         }
-        let value = headers.get(axum::http::header::AUTHORIZATION).ok_or(ApiError::Unauthorized {
+        let value = authorization.ok_or(AuthError {
             message: "Missing API key: send it as `Authorization: Bearer <key>`.",
             code: "missing_api_key",
         })?;
         let key = value
-            .to_str()
             .ok()
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim)
             .filter(|k| !k.is_empty())
-            .ok_or(ApiError::Unauthorized {
+            .ok_or(AuthError {
                 message: "Malformed Authorization header: expected `Bearer <key>`.",
                 code: "invalid_api_key",
             })?;
@@ -294,10 +314,7 @@ impl Tenants {
                 found = Some(k);
             }
         }
-        let k = found.ok_or(ApiError::Unauthorized {
-            message: "Incorrect API key provided.",
-            code: "invalid_api_key",
-        })?;
+        let k = found.ok_or(AuthError { message: "Incorrect API key provided.", code: "invalid_api_key" })?;
         Ok(Caller { tenant: self.tenants[k.tenant].clone(), key_id: Some(k.id.clone()) })
     }
 }
@@ -328,10 +345,8 @@ keys = [{ id = "ops-1", sha256 = "HASH2" }]
         Tenants::new(&cfg, &HashMap::new(), crate::clock::now_unix()).unwrap()
     }
 
-    fn bearer(v: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert("authorization", v.parse().unwrap());
-        h
+    fn bearer(v: &str) -> Option<Result<&str, ()>> {
+        Some(Ok(v))
     }
 
     #[test]
@@ -344,19 +359,17 @@ keys = [{ id = "ops-1", sha256 = "HASH2" }]
     #[test]
     fn keys_map_to_their_tenant_and_bad_keys_are_refused() {
         let t = sample();
-        let c = t.authenticate(&bearer("Bearer key-acme")).unwrap();
+        let c = t.authenticate(bearer("Bearer key-acme")).unwrap();
         assert_eq!(&*c.tenant.id, "acme");
         assert_eq!(c.key_id.as_deref(), Some("acme-1"));
         assert_eq!(c.tenant.priority, 5);
         assert!(!c.tenant.may_use("other") && c.tenant.may_use("smollm2-135m-instruct"));
-        assert!(t.authenticate(&bearer("Bearer key-ops")).unwrap().tenant.admin);
+        assert!(t.authenticate(bearer("Bearer key-ops")).unwrap().tenant.admin);
         for bad in ["Bearer nope", "Basic a2V5LWFjbWU=", "Bearer ", "key-acme"] {
-            assert!(matches!(t.authenticate(&bearer(bad)), Err(ApiError::Unauthorized { .. })), "{bad}");
+            assert_eq!(t.authenticate(bearer(bad)).map(|_| ()).unwrap_err().code, "invalid_api_key", "{bad}");
         }
-        assert!(matches!(
-            t.authenticate(&HeaderMap::new()),
-            Err(ApiError::Unauthorized { code: "missing_api_key", .. })
-        ));
+        assert_eq!(t.authenticate(None).map(|_| ()).unwrap_err().code, "missing_api_key");
+        assert_eq!(t.authenticate(Some(Err(()))).map(|_| ()).unwrap_err().code, "invalid_api_key");
     }
 
     #[test]
@@ -396,8 +409,8 @@ keys = [{ id = "ops-1", sha256 = "HASH2" }]
         }
         // a: a new key, same limits; b: a higher limit.
         let new = old.reload(&config("ka2", 5), &HashMap::new(), 0).unwrap();
-        assert!(new.authenticate(&bearer("Bearer ka")).is_err(), "the old key is gone");
-        let a = new.authenticate(&bearer("Bearer ka2")).unwrap().tenant;
+        assert!(new.authenticate(bearer("Bearer ka")).is_err(), "the old key is gone");
+        let a = new.authenticate(bearer("Bearer ka2")).unwrap().tenant;
         assert!(a.limiter.admit(1).is_err(), "a's bucket, spent before the reload, is still spent");
         assert!(new.get("b").unwrap().limiter.admit(1).is_ok(), "b has new, higher limits");
     }
@@ -406,7 +419,7 @@ keys = [{ id = "ops-1", sha256 = "HASH2" }]
     fn open_mode_has_one_default_tenant() {
         let t = Tenants::new(&ConfigFile::default(), &HashMap::new(), 0).unwrap();
         assert!(t.is_open());
-        assert_eq!(&*t.authenticate(&HeaderMap::new()).unwrap().tenant.id, DEFAULT_TENANT);
+        assert_eq!(&*t.authenticate(None).unwrap().tenant.id, DEFAULT_TENANT);
     }
 
     #[test]

@@ -5,12 +5,30 @@
 //! request can use) and the unused part is given back when it ends, so a
 //! tenant can never overshoot while requests are in flight.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
 use crate::clock;
+use crate::shared_limits::{Reservation, SharedLimits};
+
+/// What a limiter does when the shared store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// Fall back to this instance's own buckets and quotas.
+    Open,
+    /// Refuse the request (503 with Retry-After).
+    Closed,
+}
+
+/// The fleet-wide store a limiter checks rate limits and quotas against.
+#[derive(Debug)]
+struct Shared {
+    store: SharedLimits,
+    tenant: Arc<str>,
+    on_failure: StoreFailure,
+}
 
 /// A tenant's limits as configured; `None` is unlimited.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -75,6 +93,8 @@ pub enum Refusal {
     TooLarge { kind: LimitKind, limit: u64, requested: u64 },
     /// The limit is 0: the tenant is switched off.
     SwitchedOff { kind: LimitKind },
+    /// The shared limits store is unreachable and the policy is to refuse.
+    StoreUnavailable { retry_after: Duration },
 }
 
 /// A bucket that holds up to `capacity` and refills at `capacity` per minute.
@@ -165,6 +185,8 @@ struct State {
 pub struct Limiter {
     config: LimitsConfig,
     state: Mutex<State>,
+    /// Set when rate limits and quotas are the fleet's, in Redis.
+    shared: OnceLock<Shared>,
 }
 
 /// The request and token buckets as the `x-ratelimit-*` headers show them.
@@ -184,6 +206,8 @@ pub struct Ticket {
     limiter: Arc<Limiter>,
     charge: u64,
     settled: bool,
+    /// Held in the shared store (else in this instance's buckets and quotas).
+    remote: Option<Reservation>,
 }
 
 impl Limiter {
@@ -207,7 +231,84 @@ impl Limiter {
             month: quota(config.tokens_per_month, true, used_month),
             concurrent: 0,
         };
-        Arc::new(Limiter { config, state: Mutex::new(state) })
+        Arc::new(Limiter { config, state: Mutex::new(state), shared: OnceLock::new() })
+    }
+
+    /// From now on, checks rate limits and quotas against `store` (shared
+    /// by the fleet) as `tenant`; the concurrency cap stays this instance's.
+    pub fn share(&self, store: SharedLimits, tenant: Arc<str>, on_failure: StoreFailure) {
+        let _ = self.shared.set(Shared { store, tenant, on_failure });
+    }
+
+    /// Admits one request, against the fleet's shared budget when a store
+    /// is set (see [`Limiter::share`]), else as [`Limiter::admit`].
+    pub async fn admit_shared(self: &Arc<Self>, charge: u64) -> Result<Ticket, Refusal> {
+        let Some(shared) = self.shared.get() else { return self.admit(charge) };
+        if let Some(kind) = self.config.switched_off() {
+            return Err(Refusal::SwitchedOff { kind });
+        }
+        let c = &self.config;
+        for (limit, kind, requested) in [
+            (c.requests_per_minute.map(u64::from), LimitKind::RequestsPerMinute, 1),
+            (c.tokens_per_minute, LimitKind::TokensPerMinute, charge),
+            (c.tokens_per_day, LimitKind::DailyQuota, charge),
+            (c.tokens_per_month, LimitKind::MonthlyQuota, charge),
+        ] {
+            if let Some(limit) = limit.filter(|&l| requested > l) {
+                return Err(Refusal::TooLarge { kind, limit, requested });
+            }
+        }
+        self.take_slot()?;
+        let seed = self.quota_used();
+        let seed = (seed.0.unwrap_or(0), seed.1.unwrap_or(0));
+        match shared.store.admit(&shared.tenant, c, charge, seed).await {
+            Ok(Ok(reservation)) => {
+                Ok(Ticket { limiter: self.clone(), charge, settled: false, remote: Some(reservation) })
+            }
+            Ok(Err(refusal)) => {
+                self.release_slot();
+                Err(refusal)
+            }
+            Err(e) => {
+                self.release_slot();
+                let policy = if shared.on_failure == StoreFailure::Open { "open" } else { "closed" };
+                metrics::counter!(crate::metrics::LIMITS_STORE_ERRORS_TOTAL, "policy" => policy).increment(1);
+                tracing::warn!(error = %e, tenant = %shared.tenant, policy, "the shared limits store failed");
+                match shared.on_failure {
+                    StoreFailure::Open => self.admit(charge),
+                    StoreFailure::Closed => {
+                        Err(Refusal::StoreUnavailable { retry_after: Duration::from_secs(1) })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes a concurrency slot (the one limit a shared store leaves here).
+    fn take_slot(&self) -> Result<(), Refusal> {
+        let mut s = self.lock();
+        self.check_slot(&s)?;
+        s.concurrent += 1;
+        Ok(())
+    }
+
+    /// Refuses when every concurrency slot is taken.
+    fn check_slot(&self, s: &State) -> Result<(), Refusal> {
+        match self.config.max_concurrent_requests {
+            Some(max) if s.concurrent >= max => Err(Refusal::Exceeded {
+                kind: LimitKind::Concurrency,
+                limit: u64::from(max),
+                requested: 1,
+                available: 0,
+                retry_after: Duration::from_secs(1),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn release_slot(&self) {
+        let mut s = self.lock();
+        s.concurrent = s.concurrent.saturating_sub(1);
     }
 
     pub fn config(&self) -> &LimitsConfig {
@@ -232,17 +333,7 @@ impl Limiter {
         }
         let mut guard = self.lock();
         let s = &mut *guard;
-        if let Some(max) = self.config.max_concurrent_requests
-            && s.concurrent >= max
-        {
-            return Err(Refusal::Exceeded {
-                kind: LimitKind::Concurrency,
-                limit: u64::from(max),
-                requested: 1,
-                available: 0,
-                retry_after: Duration::from_secs(1),
-            });
-        }
+        self.check_slot(s)?;
         for (quota, kind) in [(&mut s.day, LimitKind::DailyQuota), (&mut s.month, LimitKind::MonthlyQuota)] {
             let Some(q) = quota else { continue };
             q.roll(unix);
@@ -289,11 +380,16 @@ impl Limiter {
         for q in [&mut s.day, &mut s.month].into_iter().flatten() {
             q.reserved += charge;
         }
-        Ok(Ticket { limiter: self.clone(), charge, settled: false })
+        Ok(Ticket { limiter: self.clone(), charge, settled: false, remote: None })
     }
 
-    /// The request and token buckets now, for the response headers.
+    /// The request and token buckets now, for the response headers; none
+    /// while the fleet's shared store counts them (this instance's buckets
+    /// would say nothing true).
     pub fn buckets(&self) -> (Option<BucketView>, Option<BucketView>) {
+        if self.shared.get().is_some() {
+            return (None, None);
+        }
         let now = Instant::now();
         let mut guard = self.lock();
         let s = &mut *guard;
@@ -325,6 +421,19 @@ impl Limiter {
         (day, used(&mut s.month))
     }
 
+    /// A request held in the shared store ended: frees its slot and counts
+    /// what it used in this instance's quota view (which seeds windows the
+    /// store has not seen).
+    fn settle_remote(&self, used: u64, unix: i64) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        s.concurrent = s.concurrent.saturating_sub(1);
+        for q in [&mut s.day, &mut s.month].into_iter().flatten() {
+            q.roll(unix);
+            q.used += used;
+        }
+    }
+
     fn settle(&self, charge: u64, used: u64, ran: bool, unix: i64) {
         let mut guard = self.lock();
         let s = &mut *guard;
@@ -349,14 +458,31 @@ impl Ticket {
     /// The request ended having used `used` tokens (prompt + completion).
     pub fn settle(mut self, used: u64) {
         self.settled = true;
-        self.limiter.settle(self.charge, used, true, clock::now_unix());
+        self.end(used, true);
+    }
+
+    fn end(&mut self, used: u64, ran: bool) {
+        let Some(reservation) = self.remote.take() else {
+            self.limiter.settle(self.charge, used, ran, clock::now_unix());
+            return;
+        };
+        self.limiter.settle_remote(used, clock::now_unix());
+        // Giving back what was not used needs the store; off the request's path.
+        if let (Some(shared), Ok(rt)) = (self.limiter.shared.get(), tokio::runtime::Handle::try_current()) {
+            let store = shared.store.clone();
+            rt.spawn(async move {
+                if let Err(e) = store.settle(&reservation, used, ran).await {
+                    tracing::warn!(error = %e, "unused tokens not given back to the shared limits store");
+                }
+            });
+        }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.settled {
-            self.limiter.settle(self.charge, 0, false, clock::now_unix());
+            self.end(0, false);
         }
     }
 }
