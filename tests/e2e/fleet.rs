@@ -57,3 +57,32 @@ async fn a_rate_limit_holds_in_sum_across_instances_and_each_applies_its_failure
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A completion of prompt (under 5 tokens) + exactly 20 tokens.
+async fn ask(srv: &Server) -> (u16, std::collections::HashMap<String, String>, serde_json::Value) {
+    let body = json!({"prompt": "Hi", "max_tokens": 20, "ignore_eos": true});
+    call(srv, Some("acme"), "/v1/completions", Some(body)).await
+}
+
+#[tokio::test]
+async fn a_daily_quota_is_shared_by_the_fleet_and_outlives_an_instance_restart() {
+    let redis = Redis::start();
+    let dir = temp_dir("fleet-quota");
+    let config = write_config(&dir, &[tenant("acme", "limits = { tokens_per_day = 50 }")]);
+    let flags = ["--config", &config, "--limits-store", &redis.url()];
+    let a = Server::start(&flags);
+    let b = Server::start(&flags);
+    // Each request takes prompt (under 5 tokens) + 20: two fit in 50, a third does not.
+    let (status, _, first) = ask(&a).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(first["usage"]["prompt_tokens"].as_u64().unwrap() < 5, "{first}");
+    assert_eq!(ask(&b).await.0, 200);
+    let (status, _, refused) = ask(&a).await;
+    assert_eq!(status, 429, "the quota is the fleet's, not each instance's: {refused}");
+    assert_eq!(refused["error"]["limit"], "tokens_per_day", "{refused}");
+    // A restarted instance (its own fresh ledger) still sees the fleet's day.
+    drop(a);
+    let a = Server::start(&flags);
+    let (status, _, refused) = ask(&a).await;
+    assert_eq!(status, 429, "{refused}");
+}

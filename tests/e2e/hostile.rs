@@ -59,15 +59,26 @@ async fn numbers_that_used_to_overflow_get_answers() {
 
 #[tokio::test]
 async fn a_request_that_can_never_be_admitted_is_a_400_not_a_503() {
+    // A server of its own: the 64 sequences that fit fill its whole queue,
+    // which would refuse the other tests' requests on the shared one.
+    let srv = Server::start(&["--max-waiting-requests", "64"]);
+    let url = srv.url("/v1/completions");
+    let post = |body: Value| {
+        let request = client().post(url.clone()).json(&body);
+        async move {
+            let resp = request.send().await.unwrap();
+            let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+            (status, headers, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
     // 16 choices of each of 5 prompts: 80 sequences, more than the queue's 64.
     let (status, headers, body) =
-        post("/v1/completions", json!({"prompt": ["a", "b", "c", "d", "e"], "n": 16, "max_tokens": 1})).await;
+        post(json!({"prompt": ["a", "b", "c", "d", "e"], "n": 16, "max_tokens": 1})).await;
     assert_eq!(status, 400, "{body}");
     assert!(headers.get("retry-after").is_none());
     assert!(message(&body).contains("--max-waiting-requests"), "{body}");
     // Four prompts of 16 fit.
-    let (status, _, body) =
-        post("/v1/completions", json!({"prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 1})).await;
+    let (status, _, body) = post(json!({"prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 1})).await;
     assert_eq!(status, 200, "{body}");
 }
 
