@@ -86,11 +86,6 @@ impl NeuronExecutor {
         })
     }
 
-    /// The worker's process id, while one runs.
-    pub fn worker_pid(&self) -> Option<u32> {
-        self.worker.as_ref().map(WorkerProcess::pid)
-    }
-
     /// The step's phase: decode when every sequence was prefilled by the
     /// worker and is still live, prefill when none was.
     fn phase(&self, input: &ModelInput) -> Result<Phase, ExecError> {
