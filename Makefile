@@ -2,6 +2,10 @@
 # Everything CI runs is `make test`; .ci/run calls nothing else.
 
 CARGO ?= cargo
+# A CI run builds once: incremental caches would only cost disk (over a GB).
+ifdef CI
+export CARGO_INCREMENTAL := 0
+endif
 # Benchmarks build for this CPU in their own target dir, so the portable
 # build in target/ is never overwritten by a native one.
 NATIVE_TARGET_DIR ?= target/native
