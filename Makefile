@@ -85,9 +85,11 @@ clippy:
 unit: stores
 	$(CARGO) test --workspace --locked
 
-## stores: Debian's Redis for the tests of the fleet-wide limits store
+## stores: Debian's Redis and PostgreSQL for the tests of the fleet-wide limits store and ledger
 stores:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq postgresql; }
 
 ## neuron-check: the Neuron worker's host side and compile plan, without the Neuron SDK
 neuron-check:

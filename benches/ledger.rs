@@ -1,7 +1,9 @@
 //! The usage ledger's write path: records per second through the one
 //! batching writer, with many requests ending at once and each waiting for
 //! its commit (as completing requests do), and fire-and-forget (as cut-off
-//! requests do). A real file in WAL mode, in the system's temp folder.
+//! requests do). A real file in WAL mode, in the system's temp folder; and
+//! a real PostgreSQL (Debian's, on loopback, its default durability:
+//! fsync and synchronous_commit on) for the fleet's ledger.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -75,6 +77,17 @@ fn write_throughput(c: &mut Criterion) {
             );
         }
     }
+    let pg = inferd_ledger::testing::Postgres::start_durable();
+    let ledger = Arc::new(
+        Ledger::connect_postgres(&pg.url(), std::time::Duration::from_secs(10))
+            .expect("PostgreSQL ledger opens"),
+    );
+    for writers in [1usize, 16, 64] {
+        group.bench_with_input(BenchmarkId::new("waited_postgres", writers), &writers, |b, &writers| {
+            b.iter(|| waited(&ledger, writers))
+        });
+    }
+    ledger.close();
     let ledger = open("detached", Durability::Process);
     group.bench_function("detached_process", |b| {
         b.iter(|| {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use inferd_core::FinishReason;
-use inferd_ledger::{Ledger, UsageRecord};
+use inferd_ledger::{Ledger, NotCommitted, UsageRecord};
 
 use crate::cost::CostTracker;
 use crate::limits::Ticket;
@@ -260,12 +260,12 @@ impl RequestMeter {
         let usage = self.usage();
         let (Some(record), Some(ledger)) = (self.take_record(), &self.ledger) else { return usage };
         match ledger.write(record) {
-            Ok(_) if ledger.stats().failing.load(Ordering::Relaxed) => {}
-            Ok(done) => {
-                if tokio::time::timeout(COMMIT_WAIT, done).await.is_err() {
-                    tracing::error!("the usage record was not committed within {COMMIT_WAIT:?}");
-                }
-            }
+            Ok(done) => match ledger.wait(done, COMMIT_WAIT).await {
+                // Failing: the record waits in memory for the writer's
+                // retries, and the client is not held up.
+                Ok(()) | Err(NotCommitted::Failing) => {}
+                Err(e) => tracing::error!("the usage record was not committed: {e}"),
+            },
             Err(e) => tracing::error!(error = %e, "usage record not written"),
         }
         usage

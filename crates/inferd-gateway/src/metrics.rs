@@ -16,6 +16,7 @@ pub const LEDGER_BUSY_SECONDS: &str = "inferd_ledger_busy_seconds";
 pub const LEDGER_ERRORS_TOTAL: &str = "inferd_ledger_errors_total";
 pub const LEDGER_PENDING: &str = "inferd_ledger_pending";
 pub const LEDGER_FAILING: &str = "inferd_ledger_failing";
+pub const LEDGER_LOST_TOTAL: &str = "inferd_ledger_records_lost_total";
 /// Label `policy` (open: fell back to local limits; closed: refused).
 pub const LIMITS_STORE_ERRORS_TOTAL: &str = "inferd_limits_store_errors_total";
 
@@ -45,6 +46,10 @@ pub fn describe() {
     describe_gauge!(LEDGER_BUSY_SECONDS, "Seconds the ledger writer has spent committing since start.");
     describe_counter!(LEDGER_ERRORS_TOTAL, "Failed ledger commits (retried; records are kept).");
     describe_gauge!(LEDGER_PENDING, "Ledger operations queued and not yet committed.");
+    describe_counter!(
+        LEDGER_LOST_TOTAL,
+        "Usage records given up on because the ledger closed while its store stayed unreachable."
+    );
     describe_gauge!(
         LEDGER_FAILING,
         "1 while the ledger's last commit failed (records are kept and retried)."

@@ -1,8 +1,5 @@
-//! Usage summaries and the totals quotas start from.
-
-use std::collections::HashMap;
-
-use rusqlite::{Connection, params_from_iter, types::Value};
+//! Usage summaries and the totals quotas start from, as SQL both stores
+//! run.
 
 /// A column summaries can be grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,15 +34,127 @@ impl GroupBy {
         }
     }
 
-    fn sql(self) -> &'static str {
+    fn sql(self, dialect: Dialect) -> &'static str {
         match self {
             GroupBy::Model => "model",
             GroupBy::Feature => "COALESCE(feature, '')",
-            GroupBy::Day => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+            GroupBy::Day => dialect.day(),
             GroupBy::Tenant => "tenant",
             GroupBy::Key => "COALESCE(key_id, '')",
         }
     }
+}
+
+/// The SQL both stores run is written once, in the portable subset of the
+/// two, with `?N` placeholders; these are its only differences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// The UTC day (`YYYY-MM-DD`) of `ts_ms`.
+    fn day(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+            Dialect::Postgres => "to_char(to_timestamp(ts_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        }
+    }
+
+    /// `sql` with its placeholders in this dialect (PostgreSQL numbers
+    /// them `$N`; our SQL has no `?` anywhere else).
+    pub(crate) fn sql(self, sql: &str) -> String {
+        match self {
+            Dialect::Sqlite => sql.to_string(),
+            Dialect::Postgres => sql.replace('?', "$"),
+        }
+    }
+}
+
+/// Schema version: SQLite keeps it in `PRAGMA user_version`, PostgreSQL in
+/// the `inferd_schema` table.
+pub const VERSION: i64 = 1;
+
+/// The type of a column of `usage`.
+#[derive(Clone, Copy)]
+enum Col {
+    Text,
+    Int,
+    Real,
+}
+
+/// The columns of `usage` after its id, and whether each is NOT NULL.
+const COLUMNS: &[(&str, Col, bool)] = &[
+    ("request_id", Col::Text, true),
+    ("response_id", Col::Text, true),
+    ("tenant", Col::Text, true),
+    ("key_id", Col::Text, false),
+    ("model", Col::Text, true),
+    ("feature", Col::Text, false),
+    ("route", Col::Text, true),
+    ("prompt_tokens", Col::Int, true),
+    ("cached_prompt_tokens", Col::Int, true),
+    ("completion_tokens", Col::Int, true),
+    ("finish_reason", Col::Text, true),
+    ("outcome", Col::Text, true),
+    ("queue_seconds", Col::Real, false),
+    ("ttft_seconds", Col::Real, false),
+    ("total_seconds", Col::Real, true),
+    ("ts_ms", Col::Int, true),
+    ("cost_usd", Col::Real, false),
+    ("prompt_text", Col::Text, false),
+    ("completion_text", Col::Text, false),
+    ("rating", Col::Text, false),
+    ("feedback_comment", Col::Text, false),
+    ("feedback_ts_ms", Col::Int, false),
+];
+
+impl Dialect {
+    fn col_type(self, col: Col) -> &'static str {
+        match (self, col) {
+            (_, Col::Text) => "TEXT",
+            (Dialect::Sqlite, Col::Int) => "INTEGER",
+            (Dialect::Postgres, Col::Int) => "BIGINT",
+            (Dialect::Sqlite, Col::Real) => "REAL",
+            (Dialect::Postgres, Col::Real) => "DOUBLE PRECISION",
+        }
+    }
+
+    /// The `usage` table and its indexes, written once for both stores.
+    /// PostgreSQL's rows also carry `record_key`, unique, which makes a
+    /// retried commit insert each record once.
+    pub(crate) fn schema(self) -> String {
+        let mut cols = vec![match self {
+            Dialect::Sqlite => "id INTEGER PRIMARY KEY".to_string(),
+            Dialect::Postgres => "id BIGSERIAL PRIMARY KEY,\n    record_key TEXT NOT NULL".to_string(),
+        }];
+        for &(name, col, not_null) in COLUMNS {
+            let check = if name == "rating" { " CHECK (rating IN ('up', 'down'))" } else { "" };
+            let null = if not_null { " NOT NULL" } else { "" };
+            cols.push(format!("{name} {}{null}{check}", self.col_type(col)));
+        }
+        let mut sql = format!("CREATE TABLE IF NOT EXISTS usage (\n    {}\n);\n", cols.join(",\n    "));
+        if self == Dialect::Postgres {
+            sql.push_str("CREATE UNIQUE INDEX IF NOT EXISTS usage_record_key ON usage (record_key);\n");
+        }
+        for (name, on) in [
+            ("tenant_ts", "tenant, ts_ms"),
+            ("ts", "ts_ms"),
+            ("request_id", "request_id"),
+            ("response_id", "response_id"),
+        ] {
+            sql.push_str(&format!("CREATE INDEX IF NOT EXISTS usage_{name} ON usage ({on});\n"));
+        }
+        sql
+    }
+}
+
+/// A query parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Arg {
+    Int(i64),
+    Text(String),
 }
 
 /// Which records to summarize: ended in `[start_ms, end_ms)`, optionally
@@ -91,55 +200,64 @@ pub struct Summary {
 }
 
 impl UsageQuery {
-    /// Runs the query on a ledger connection.
-    pub fn run(&self, conn: &Connection) -> rusqlite::Result<Summary> {
-        let keys: Vec<&str> = self.group_by.iter().map(|g| g.sql()).collect();
+    /// The summary's SQL and parameters. Its columns: the group keys, then
+    /// six integer totals (see [`SummaryRow::from_columns`]), then the cost.
+    pub(crate) fn sql(&self, dialect: Dialect) -> (String, Vec<Arg>) {
+        let keys: Vec<&str> = self.group_by.iter().map(|g| g.sql(dialect)).collect();
         let select_keys = keys.iter().map(|k| format!("{k}, ")).collect::<String>();
         let mut sql = format!(
-            "SELECT {select_keys}COUNT(*), SUM(prompt_tokens), SUM(cached_prompt_tokens), \
-             SUM(completion_tokens), TOTAL(cost_usd), SUM(rating = 'up'), SUM(rating = 'down') \
+            "SELECT {select_keys}COUNT(*), CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(cached_prompt_tokens), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT), \
+             COUNT(CASE WHEN rating = 'up' THEN 1 END), COUNT(CASE WHEN rating = 'down' THEN 1 END), \
+             CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) \
              FROM usage WHERE ts_ms >= ?1 AND ts_ms < ?2"
         );
-        let mut args = vec![Value::Integer(self.start_ms), Value::Integer(self.end_ms)];
+        let mut args = vec![Arg::Int(self.start_ms), Arg::Int(self.end_ms)];
         if let Some(t) = &self.tenant {
             sql.push_str(" AND tenant = ?3");
-            args.push(Value::Text(t.clone()));
+            args.push(Arg::Text(t.clone()));
         }
         if !keys.is_empty() {
             let list = keys.join(", ");
             sql.push_str(&format!(" GROUP BY {list} ORDER BY {list}"));
         }
-        let n = keys.len();
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map(params_from_iter(args), |r| {
-            let int =
-                |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, Option<i64>>(i)?.unwrap_or(0) as u64) };
-            Ok(SummaryRow {
-                keys: (0..n).map(|i| r.get::<_, String>(i)).collect::<Result<_, _>>()?,
-                requests: int(n)?,
-                prompt_tokens: int(n + 1)?,
-                cached_prompt_tokens: int(n + 2)?,
-                completion_tokens: int(n + 3)?,
-                cost_usd: r.get(n + 4)?,
-                thumbs_up: int(n + 5)?,
-                thumbs_down: int(n + 6)?,
-            })
-        })?;
-        let mut summary = Summary { rows: rows.collect::<Result<_, _>>()? };
-        // An empty ungrouped query still has its one (zero) total row.
-        if n == 0 && summary.rows.is_empty() {
+        (dialect.sql(&sql), args)
+    }
+}
+
+impl SummaryRow {
+    /// A row from the summary's columns: keys, the six integer totals in
+    /// their SELECT order, and the cost.
+    pub(crate) fn from_columns(keys: Vec<String>, totals: [i64; 6], cost_usd: f64) -> Self {
+        let [requests, prompt, cached, completion, up, down] = totals.map(|v| v.max(0) as u64);
+        SummaryRow {
+            keys,
+            requests,
+            prompt_tokens: prompt,
+            cached_prompt_tokens: cached,
+            completion_tokens: completion,
+            cost_usd,
+            thumbs_up: up,
+            thumbs_down: down,
+        }
+    }
+}
+
+impl Summary {
+    /// Rows as queried; an empty ungrouped query still has its one (zero)
+    /// total row.
+    pub(crate) fn from_rows(rows: Vec<SummaryRow>, grouped: bool) -> Self {
+        let mut summary = Summary { rows };
+        if !grouped && summary.rows.is_empty() {
             summary.rows.push(SummaryRow::default());
         }
-        Ok(summary)
+        summary
     }
 }
 
 /// Tokens (prompt + completion) each tenant used in records that ended at
-/// or after `since_ms`.
-pub fn tokens_by_tenant_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<HashMap<String, u64>> {
-    let mut stmt = conn.prepare(
-        "SELECT tenant, SUM(prompt_tokens + completion_tokens) FROM usage WHERE ts_ms >= ?1 GROUP BY tenant",
-    )?;
-    let rows = stmt.query_map([since_ms], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
-    rows.collect()
-}
+/// or after `?1`.
+pub(crate) const TOKENS_BY_TENANT_SINCE: &str = "SELECT tenant, \
+    CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) \
+    FROM usage WHERE ts_ms >= ?1 GROUP BY tenant";

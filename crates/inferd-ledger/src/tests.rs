@@ -34,12 +34,26 @@ fn block<T>(rx: oneshot::Receiver<T>) -> T {
     rx.blocking_recv().expect("the writer answers")
 }
 
+fn everything() -> UsageQuery {
+    UsageQuery { start_ms: 0, end_ms: i64::MAX, ..Default::default() }
+}
+
+/// Runs `check` on a fresh SQLite ledger and on a fresh PostgreSQL one:
+/// the two stores answer the same queries the same way.
+fn on_both_stores(name: &str, check: impl Fn(&Ledger)) {
+    check(&Ledger::open(&temp_path(name), Durability::Process).unwrap());
+    let pg = testing::Postgres::start();
+    check(&Ledger::connect_postgres(&pg.url(), Duration::from_secs(10)).unwrap());
+}
+
 const DAY_MS: i64 = 86_400_000;
 
 #[test]
 fn records_are_committed_and_summarized_by_group() {
-    let path = temp_path("summary");
-    let ledger = Ledger::open(&path, Durability::Process).unwrap();
+    on_both_stores("summary", records_are_summarized_by_group);
+}
+
+fn records_are_summarized_by_group(ledger: &Ledger) {
     let mut waits = Vec::new();
     for i in 0..6 {
         let (tenant, model) = if i % 2 == 0 { ("a", "m1") } else { ("b", "m2") };
@@ -47,8 +61,7 @@ fn records_are_committed_and_summarized_by_group() {
         waits.push(ledger.write(record(i, tenant, model, feature, DAY_MS * (i as i64 / 4) + 1)).unwrap());
     }
     waits.into_iter().for_each(block);
-    let total =
-        ledger.read(|c| UsageQuery { start_ms: 0, end_ms: i64::MAX, ..Default::default() }.run(c)).unwrap();
+    let total = ledger.summary(&everything()).unwrap();
     assert_eq!(total.rows.len(), 1);
     assert_eq!(total.rows[0].requests, 6);
     assert_eq!(total.rows[0].prompt_tokens, (0..6).map(|i| 10 + i).sum::<u64>());
@@ -60,7 +73,7 @@ fn records_are_committed_and_summarized_by_group() {
         tenant: Some("a".into()),
         group_by: vec![GroupBy::Day, GroupBy::Feature],
     };
-    let rows = ledger.read(|c| q.run(c)).unwrap().rows;
+    let rows = ledger.summary(&q).unwrap().rows;
     let keys: Vec<_> = rows.iter().map(|r| (r.keys.clone(), r.requests)).collect();
     assert_eq!(
         keys,
@@ -71,16 +84,18 @@ fn records_are_committed_and_summarized_by_group() {
     );
     // The window is half-open: records ending at end_ms are left out.
     let q = UsageQuery { start_ms: 0, end_ms: 1, ..Default::default() };
-    assert_eq!(ledger.read(|c| q.run(c)).unwrap().rows[0].requests, 0);
-    let used = ledger.read(|c| tokens_by_tenant_since(c, DAY_MS)).unwrap();
+    assert_eq!(ledger.summary(&q).unwrap().rows[0].requests, 0);
+    let used = ledger.tokens_by_tenant_since(DAY_MS).unwrap();
     assert_eq!(used.get("a"), Some(&(14 + 8)));
     assert_eq!(used.get("b"), Some(&(15 + 10)));
 }
 
 #[test]
 fn feedback_rates_only_the_tenants_own_request_and_the_last_rating_wins() {
-    let path = temp_path("feedback");
-    let ledger = Ledger::open(&path, Durability::Process).unwrap();
+    on_both_stores("feedback", feedback_rates_the_tenants_own_request);
+}
+
+fn feedback_rates_the_tenants_own_request(ledger: &Ledger) {
     block(ledger.write(record(1, "a", "m1", None, 5)).unwrap());
     block(ledger.write(record(2, "a", "m1", None, 5)).unwrap());
     let rate = |tenant: &str, id: &str, rating| block(ledger.feedback(tenant, id, rating, None, 9).unwrap());
@@ -90,20 +105,23 @@ fn feedback_rates_only_the_tenants_own_request_and_the_last_rating_wins() {
     assert_eq!(rate("a", "cmpl-1", Rating::Up).as_deref(), Some("m1"), "by response id too");
     assert_eq!(rate("a", "req-2", Rating::Down).as_deref(), Some("m1"));
     let q = UsageQuery { start_ms: 0, end_ms: 10, group_by: vec![GroupBy::Model], ..Default::default() };
-    let row = ledger.read(|c| q.run(c)).unwrap().rows.remove(0);
+    let row = ledger.summary(&q).unwrap().rows.remove(0);
     assert_eq!((row.thumbs_up, row.thumbs_down), (1, 1));
     assert_eq!(row.thumbs_up_share(), Some(0.5));
 }
 
 #[test]
 fn prune_deletes_only_records_older_than_the_cutoff() {
-    let ledger = Ledger::open(&temp_path("prune"), Durability::Process).unwrap();
+    on_both_stores("prune", prune_deletes_older_records);
+}
+
+fn prune_deletes_older_records(ledger: &Ledger) {
     for (i, ts) in [(1, 10), (2, 20), (3, 30)] {
         block(ledger.write(record(i, "a", "m", None, ts)).unwrap());
     }
     assert_eq!(block(ledger.prune(25).unwrap()), 2);
     let q = UsageQuery { start_ms: 0, end_ms: 100, group_by: vec![GroupBy::Key], ..Default::default() };
-    let rows = ledger.read(|c| q.run(c)).unwrap().rows;
+    let rows = ledger.summary(&q).unwrap().rows;
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].keys[0].as_str(), rows[0].requests), ("a-key", 1));
 }
@@ -131,7 +149,7 @@ fn a_failing_commit_is_retried_with_its_records_kept() {
     block(done);
     assert!(!stats.failing.load(Ordering::Relaxed));
     let q = UsageQuery { start_ms: 0, end_ms: 10, ..Default::default() };
-    assert_eq!(ledger.read(|c| q.run(c)).unwrap().rows[0].requests, 2);
+    assert_eq!(ledger.summary(&q).unwrap().rows[0].requests, 2);
 }
 
 #[test]
@@ -161,8 +179,8 @@ fn concurrent_writers_lose_nothing_and_the_file_reopens_clean() {
     }
     let ledger = Ledger::open(&path, Durability::Full).unwrap();
     let q = UsageQuery { start_ms: 0, end_ms: 2, ..Default::default() };
-    assert_eq!(ledger.read(|c| q.run(c)).unwrap().rows[0].requests, 2000);
-    assert_eq!(ledger.read(integrity_check).unwrap(), "ok");
+    assert_eq!(ledger.summary(&q).unwrap().rows[0].requests, 2000);
+    assert_eq!(integrity_check(&Connection::open(&path).unwrap()).unwrap(), "ok");
 }
 
 #[test]
@@ -185,4 +203,87 @@ fn records_that_arrive_together_share_a_commit() {
     // The first record alone, then the rest in batches of MAX_BATCH.
     let most = 1 + (n as usize - 1).div_ceil(MAX_BATCH) as u64;
     assert!(commits <= most, "{commits} commits for {n} records (at most {most} expected)");
+}
+
+#[test]
+fn an_empty_ledger_summarizes_to_one_zero_row_on_both_stores() {
+    on_both_stores("empty", |ledger| {
+        let rows = ledger.summary(&everything()).unwrap().rows;
+        assert_eq!(rows, vec![SummaryRow::default()]);
+        let q = UsageQuery { group_by: vec![GroupBy::Tenant], ..everything() };
+        assert!(ledger.summary(&q).unwrap().rows.is_empty());
+        assert!(ledger.tokens_by_tenant_since(0).unwrap().is_empty());
+    });
+}
+
+#[test]
+fn postgres_down_keeps_records_in_memory_and_commits_them_once_when_it_returns() {
+    let mut pg = testing::Postgres::start();
+    let ledger = Ledger::connect_postgres(&pg.url(), Duration::from_secs(10)).unwrap();
+    block(ledger.write(record(1, "a", "m", None, 1)).unwrap());
+    pg.stop();
+    ledger.set_max_backlog(3);
+    let waits: Vec<_> = (2..6).map(|i| ledger.write(record(i, "a", "m", None, 1)).unwrap()).collect();
+    let stats = ledger.stats();
+    let until = Instant::now() + Duration::from_secs(30);
+    while !stats.failing.load(Ordering::Relaxed) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(stats.failing.load(Ordering::Relaxed), "the failure is reported");
+    assert_eq!(stats.pending.load(Ordering::Relaxed), 4, "the records are kept");
+    assert!(ledger.backlog_full(), "4 queued against a bound of 3");
+    assert!(ledger.summary(&everything()).is_err(), "reads fail while the database is down");
+    pg.resume();
+    waits.into_iter().for_each(block);
+    assert!(!stats.failing.load(Ordering::Relaxed));
+    assert!(!ledger.backlog_full());
+    assert_eq!(ledger.summary(&everything()).unwrap().rows[0].requests, 5, "each record once");
+}
+
+#[test]
+fn a_repeated_postgres_commit_inserts_each_record_once() {
+    // What a retry does after a commit whose acknowledgement was lost with
+    // its connection: the same batch again.
+    let pg = testing::Postgres::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let store = postgres::Store::new(&pg.url(), runtime.handle().clone()).unwrap();
+    store.migrate(Duration::from_secs(10)).unwrap();
+    store.migrate(Duration::from_secs(10)).expect("a second migration changes nothing");
+    let mut sink = store.sink();
+    let batch: Vec<Op> = (0..3)
+        .map(|i| Op::Record { record: Box::new(record(i, "a", "m", None, 1)), seq: i, done: None })
+        .collect();
+    sink.commit(&batch).unwrap();
+    sink.commit(&batch).unwrap();
+    assert_eq!(store.reader().summary(&everything()).unwrap().rows[0].requests, 3);
+    // Another instance's records with the same sequence numbers are others.
+    store.sink().commit(&batch).unwrap();
+    assert_eq!(store.reader().summary(&everything()).unwrap().rows[0].requests, 6);
+}
+
+#[test]
+fn closing_while_postgres_stays_down_gives_up_after_the_grace_and_counts_the_loss() {
+    let mut pg = testing::Postgres::start();
+    let ledger = Ledger::connect_postgres(&pg.url(), Duration::from_secs(10)).unwrap();
+    pg.stop();
+    for i in 0..3 {
+        ledger.write_detached(record(i, "a", "m", None, 1)).unwrap();
+    }
+    let started = Instant::now();
+    ledger.close_within(Duration::from_millis(300));
+    assert!(started.elapsed() < Duration::from_secs(20), "close returned: {:?}", started.elapsed());
+    let stats = ledger.stats();
+    assert_eq!(stats.lost.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.pending.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.records_written.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_postgres_target_is_shown_without_its_password() {
+    let t = Target::parse("postgres://inferd:s3cret@db.internal:5433/usage?connect_timeout=3");
+    assert!(matches!(t, Target::Postgres(_)));
+    assert_eq!(t.to_string(), "postgres://inferd@db.internal:5433/usage");
+    assert!(!format!("{t:?}").contains("s3cret"));
+    assert!(!Target::parse("postgresql://u:pw@h/db").to_string().contains("pw"));
+    assert_eq!(Target::parse("data/usage.db"), Target::Sqlite("data/usage.db".into()));
 }

@@ -111,6 +111,14 @@ pub fn parse_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A ledger's path or PostgreSQL URL.
+pub fn parse_ledger(s: &str) -> Result<inferd_ledger::Target, String> {
+    if s.trim().is_empty() {
+        return Err("the ledger's path or URL is empty".into());
+    }
+    Ok(inferd_ledger::Target::parse(s))
+}
+
 /// `open` or `closed`.
 pub fn parse_store_failure(s: &str) -> Result<inferd_gateway::limits::StoreFailure, String> {
     match s.trim() {
@@ -269,12 +277,20 @@ pub struct ServeArgs {
     /// API is open to anyone as the single tenant `default`.
     #[arg(long, env = "INFERD_CONFIG")]
     pub config: Option<PathBuf>,
-    /// The SQLite usage ledger (created if missing).
-    #[arg(long, env = "INFERD_LEDGER", default_value = "data/usage.db")]
-    pub ledger: PathBuf,
-    /// process: records survive a crash of inferd; full: power loss too.
+    /// The usage ledger: a SQLite file (created if missing), or a
+    /// PostgreSQL database shared by a fleet (`postgres://user:password@host:port/db`;
+    /// its table is created or updated at start).
+    #[arg(long, env = "INFERD_LEDGER", default_value = "data/usage.db", value_parser = parse_ledger)]
+    pub ledger: inferd_ledger::Target,
+    /// SQLite only. process: records survive a crash of inferd; full: power
+    /// loss too. (PostgreSQL's durability is its server's settings.)
     #[arg(long, env = "INFERD_LEDGER_DURABILITY", value_enum, default_value = "process")]
     pub ledger_durability: LedgerDurability,
+    /// Ledger operations queued and not yet committed (its store is failing
+    /// or slow) past which new requests get 503 and /ready says
+    /// `ledger_backlog_full`; records of requests that ran are always kept.
+    #[arg(long, env = "INFERD_LEDGER_MAX_BACKLOG", default_value_t = inferd_ledger::DEFAULT_MAX_BACKLOG)]
+    pub ledger_max_backlog: u64,
     /// Share rate limits and token quotas across instances through this
     /// Redis (`redis://host:port/db`); without it each instance counts alone.
     #[arg(long, env = "INFERD_LIMITS_STORE")]

@@ -54,6 +54,10 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// How long a starting instance waits for a PostgreSQL ledger it cannot
+/// reach before giving up (the port answers 503 `loading` meanwhile).
+const LEDGER_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Reads the config and builds the tenants, whose quotas start from what
 /// the ledger says they used this UTC day and month (`old`: the tenants
 /// being replaced on a reload).
@@ -67,8 +71,8 @@ fn load_tenants(
         None => tenants::ConfigFile::default(),
     };
     let now = clock::now_unix();
-    let day = ledger.read(|c| inferd_ledger::tokens_by_tenant_since(c, clock::day_start(now) * 1000))?;
-    let month = ledger.read(|c| inferd_ledger::tokens_by_tenant_since(c, clock::month_start(now) * 1000))?;
+    let day = ledger.tokens_by_tenant_since(clock::day_start(now) * 1000)?;
+    let month = ledger.tokens_by_tenant_since(clock::month_start(now) * 1000)?;
     let used = month.iter().map(|(t, &m)| (t.clone(), (day.get(t).copied().unwrap_or(0), m))).collect();
     let tenants = match old {
         Some(old) => old.reload(&config, &used, now)?,
@@ -146,13 +150,16 @@ fn check_retention(days: Option<f64>, tenants: &tenants::Tenants) -> anyhow::Res
     Ok(())
 }
 
-/// Opens the ledger and builds the tenants.
+/// Opens the ledger and builds the tenants (blocking: a PostgreSQL ledger
+/// is waited for up to [`LEDGER_CONNECT_WAIT`]).
 fn open_accounts(args: &ServeArgs) -> anyhow::Result<(Arc<Ledger>, tenants::Tenants)> {
     let durability = match args.ledger_durability {
         LedgerDurability::Process => Durability::Process,
         LedgerDurability::Full => Durability::Full,
     };
-    let ledger = Arc::new(Ledger::open(&args.ledger, durability)?);
+    let ledger = Arc::new(Ledger::open_target(&args.ledger, durability, LEDGER_CONNECT_WAIT)?);
+    ledger.set_max_backlog(args.ledger_max_backlog);
+    tracing::info!(ledger = %args.ledger, "usage ledger open");
     let tenants = load_tenants(args, &ledger, None)?;
     if tenants.is_open() {
         tracing::warn!(
@@ -264,7 +271,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
-    let (ledger, tenants) = open_accounts(&args)?;
+    let (ledger, tenants) = {
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || open_accounts(&args)).await??
+    };
     // Rate limits and quotas shared by the fleet, when a store is given.
     let shared = match &args.limits_store {
         Some(url) => {

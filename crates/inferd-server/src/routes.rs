@@ -363,6 +363,7 @@ async fn run(
         ));
     }
     serving.check_backend()?;
+    st.check_ledger()?;
     crate::validate::check_device_sampling(&params, serving.engine.capabilities().device_sampling)?;
     for p in &prompts {
         crate::validate::check_compiled_prompt(p.len(), serving.max_prompt_tokens)?;
@@ -535,10 +536,12 @@ async fn health(State(st): State<SharedState>) -> Response {
 
 /// Readiness for the load balancer: cheap, never waits on the engine.
 async fn ready(State(st): State<SharedState>) -> Response {
+    let ledger_full = st.ledger.as_ref().is_some_and(|l| l.backlog_full());
     let status = match (st.phase(), st.engine_problem()) {
         (Phase::Loading, _) => "loading",
         (Phase::Draining, _) => "draining",
         (Phase::Ready, Some(problem)) => problem,
+        (Phase::Ready, None) if ledger_full => "ledger_backlog_full",
         (Phase::Ready, None) => "ready",
     };
     let r = std::sync::atomic::Ordering::Relaxed;
@@ -556,6 +559,7 @@ async fn ready(State(st): State<SharedState>) -> Response {
     if let Some(ledger) = &st.ledger {
         let failing = ledger.stats().failing.load(r);
         body["ledger"] = json!(if failing { "failing" } else { "ok" });
+        body["ledger_pending"] = json!(ledger.stats().pending.load(r));
     }
     let code = if status == "ready" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body)).into_response()

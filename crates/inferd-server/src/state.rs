@@ -130,6 +130,21 @@ impl AppState {
         }
     }
 
+    /// Refuses new work with 503 while the ledger's backlog is full (its
+    /// store has been failing for a while): records are never dropped, so
+    /// the instance stops taking requests instead.
+    pub fn check_ledger(&self) -> Result<(), ApiError> {
+        match &self.ledger {
+            Some(l) if l.backlog_full() => Err(ApiError::Unavailable {
+                message:
+                    "This instance cannot record usage right now (its ledger is unreachable); retry shortly."
+                        .into(),
+                retry_after_secs: 10,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The loaded model, or 503 while loading.
     pub fn serving(&self) -> Result<&Serving, ApiError> {
         self.serving.get().ok_or_else(|| ApiError::Unavailable {

@@ -64,6 +64,7 @@ pub fn render(
         metrics::gauge!(g::LEDGER_BUSY_SECONDS).set(l.commit_micros.load(r) as f64 / 1e6);
         metrics::gauge!(g::LEDGER_PENDING).set(l.pending.load(r) as f64);
         metrics::gauge!(g::LEDGER_FAILING).set(if l.failing.load(r) { 1.0 } else { 0.0 });
+        metrics::counter!(g::LEDGER_LOST_TOTAL).absolute(l.lost.load(r));
     }
     if let Some(s) = stats {
         let r = Ordering::Relaxed;

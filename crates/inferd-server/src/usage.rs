@@ -87,6 +87,14 @@ fn csv(summary: &Summary, group_by: &[GroupBy]) -> String {
     text
 }
 
+/// How long a rating waits for the ledger.
+const FEEDBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// 503: the ledger's store cannot be reached (PostgreSQL down).
+fn unreachable_ledger(message: String) -> ApiError {
+    ApiError::Unavailable { message, retry_after_secs: 10 }
+}
+
 /// `GET /v1/usage?start=&end=&group_by=&tenant=&format=`.
 pub async fn usage(
     State(st): State<SharedState>,
@@ -96,10 +104,13 @@ pub async fn usage(
     let (query, as_csv) = inferd_gateway::usage_query::parse_query(&q, &caller)?;
     let ledger = ledger(&st)?;
     let q2 = query.clone();
-    let summary = tokio::task::spawn_blocking(move || ledger.read(|c| q2.run(c)))
+    let summary = tokio::task::spawn_blocking(move || ledger.summary(&q2))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| match e.is_unavailable() {
+            true => unreachable_ledger(format!("The usage ledger cannot be read right now ({e}).")),
+            false => ApiError::Internal(e.to_string()),
+        })?;
     if as_csv {
         let body = csv(&summary, &query.group_by);
         return Ok(([("content-type", "text/csv; charset=utf-8")], body).into_response());
@@ -182,10 +193,15 @@ pub async fn feedback(
     let ledger = ledger(&st)?;
     let reply = ledger
         .feedback(&caller.tenant.id, &req.request_id, rating, comment, clock::now_unix_ms())
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let model = reply
+        .map_err(|e| unreachable_ledger(e.to_string()))?;
+    let model = ledger
+        .wait(reply, FEEDBACK_WAIT)
         .await
-        .map_err(|_| ApiError::Internal("the ledger writer stopped".into()))?
+        .map_err(|e| {
+            unreachable_ledger(format!(
+                "The rating is queued but not yet recorded ({e}); it applies once the ledger is back if that request exists, and sending it again is harmless."
+            ))
+        })?
         .ok_or_else(|| ApiError::UnknownRequest(req.request_id.clone()))?;
     metrics::counter!(m::FEEDBACK_TOTAL, "model" => model, "rating" => rating.as_str()).increment(1);
     Ok(Json(json!({"object": "feedback", "request_id": req.request_id, "rating": rating.as_str()})))
