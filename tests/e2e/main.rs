@@ -15,4 +15,5 @@ mod ops;
 mod overload;
 mod probes;
 mod schema;
+mod structured;
 mod tenants;

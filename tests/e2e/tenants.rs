@@ -605,16 +605,10 @@ async fn sighup_reloads_the_config_and_a_broken_one_changes_nothing() {
 
 #[test]
 fn official_python_client_authenticates_and_sees_rate_limits() {
-    let python = crate::harness::workspace().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run `make venv` (make test does it)", python.display());
-    let out = Command::new(python)
-        .arg(crate::harness::workspace().join("tests/openai_tenants.py"))
-        .arg(format!("{}/v1", shared().base))
-        .args(["key-sdk", "3"])
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "openai client failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("all openai tenant checks passed"), "{stdout}");
+    let base = format!("{}/v1", shared().base);
+    crate::openai_sdk::run_python(
+        "openai_tenants.py",
+        &[&base, "key-sdk", "3"],
+        "all openai tenant checks passed",
+    );
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use inferd_contract::{Capabilities, ExecError, Logits, ModelExecutor, ModelOutput, SampledToken};
-use inferd_core::{FinishReason, RequestId, SamplingParams, TokenId, Usage};
+use inferd_core::{FinishReason, RequestId, SamplingParams, TokenConstraint, TokenId, Usage};
 use inferd_exec::sampler::{SampleContext, sample};
 use inferd_sched::{
     SchedError, Scheduler, SchedulerConfig, SchedulerOutput, SchedulerStats, SequenceRequest, StepPolicy,
@@ -90,6 +90,35 @@ fn error_outputs(ended: Vec<inferd_sched::Sequence>, message: &str) -> Vec<SeqOu
         .collect()
 }
 
+/// The allowed-token masks of the constrained sequences this step samples.
+/// A constraint that fails allows only the first end-of-sequence token (the
+/// sequence then stops) rather than letting output stray from its grammar.
+fn constraint_masks(
+    scheduler: &Scheduler,
+    out: &SchedulerOutput,
+    constraints: &mut HashMap<RequestId, Box<dyn TokenConstraint>>,
+    vocab: usize,
+) -> HashMap<RequestId, Vec<u32>> {
+    let mut masks = HashMap::new();
+    for (id, n) in out.batch() {
+        let Some(c) = constraints.get_mut(&id) else { continue };
+        let Ok(seq) = scheduled(scheduler, id) else { continue };
+        if !reaches_end(seq, n) {
+            continue;
+        }
+        let mut mask = vec![0u32; vocab.div_ceil(32)];
+        if let Err(e) = c.allowed(&mut mask) {
+            tracing::error!(%id, error = %e, "the grammar could not say what comes next; ending the sequence");
+            mask.fill(0);
+            if let Some(&eos) = scheduler.config().eos_token_ids.first() {
+                mask[eos as usize / 32] |= 1 << (eos % 32);
+            }
+        }
+        masks.insert(id, mask);
+    }
+    masks
+}
+
 /// A step's output, taken one sampled row at a time.
 enum Rows {
     Logits { logits: Logits, next: usize },
@@ -128,6 +157,8 @@ pub struct EngineCore<E> {
     retired: Vec<RequestId>,
     last_step_tokens: usize,
     health: BackendHealth,
+    /// Sequences whose tokens a grammar decides too, with their states.
+    constraints: HashMap<RequestId, Box<dyn TokenConstraint>>,
 }
 
 impl<E: ModelExecutor> EngineCore<E> {
@@ -156,6 +187,7 @@ impl<E: ModelExecutor> EngineCore<E> {
             retired: Vec::new(),
             last_step_tokens: 0,
             health: BackendHealth::Up,
+            constraints: HashMap::new(),
         })
     }
 
@@ -224,10 +256,26 @@ impl<E: ModelExecutor> EngineCore<E> {
     /// Queues a sequence; refuses one that could never run, and every one
     /// once the backend has failed for good.
     pub fn add(&mut self, req: SequenceRequest) -> Result<(), EngineError> {
+        self.add_constrained(req, None)
+    }
+
+    /// [`EngineCore::add`] for a sequence whose every sampled token
+    /// `constraint` must allow. Its state follows the sequence's output,
+    /// which preemption by recompute keeps, so it needs no rewinding.
+    pub fn add_constrained(
+        &mut self,
+        req: SequenceRequest,
+        constraint: Option<Box<dyn TokenConstraint>>,
+    ) -> Result<(), EngineError> {
         if let BackendHealth::Failed { reason } = &self.health {
             return Err(EngineError::BackendFailed(reason.clone()));
         }
-        Ok(self.scheduler.add(req)?)
+        let id = req.id;
+        self.scheduler.add(req)?;
+        if let Some(c) = constraint {
+            self.constraints.insert(id, c);
+        }
+        Ok(())
     }
 
     /// Ends a sequence now, freeing its blocks; its usage so far, if it was here.
@@ -255,13 +303,31 @@ impl<E: ModelExecutor> EngineCore<E> {
         }
         let _span = debug_span!("step", seqs = out.num_seqs(), tokens = out.num_scheduled_tokens).entered();
         let input = input::build(&self.scheduler, &out, std::mem::take(&mut self.retired))?;
-        let sampled = match self.executor.execute(&input).and_then(|output| self.next_tokens(&out, output)) {
+        // Grammar masks are computed on another thread while the model
+        // runs: they need only the tokens so far.
+        let (executed, masks) = {
+            let (executor, scheduler, constraints) =
+                (&mut self.executor, &self.scheduler, &mut self.constraints);
+            let vocab = self.caps.vocab_size;
+            std::thread::scope(|s| {
+                let masks = (!constraints.is_empty())
+                    .then(|| s.spawn(|| constraint_masks(scheduler, &out, constraints, vocab)));
+                let executed = executor.execute(&input);
+                (executed, masks.map(|h| h.join().unwrap_or_default()).unwrap_or_default())
+            })
+        };
+        let sampled = match executed.and_then(|output| self.next_tokens(&out, output, &masks)) {
             Ok(sampled) => sampled,
             Err(e @ (ExecError::Lost(_) | ExecError::Hardware(_))) => return Ok(self.lose_backend(&e)),
             Err(e) => return Ok(self.fail(&out, &e.to_string())),
         };
         let tokens: Vec<Option<TokenId>> = sampled.iter().map(|s| s.as_ref().map(|s| s.token)).collect();
+        self.advance_constraints(&out, &tokens);
         let updates = self.scheduler.update(&out, &tokens)?;
+        if !self.constraints.is_empty() {
+            let scheduler = &self.scheduler;
+            self.constraints.retain(|id, _| scheduler.get(*id).is_some());
+        }
         let mut by_id: HashMap<RequestId, SampledToken> =
             out.batch().zip(sampled).filter_map(|((id, _), s)| Some((id, s?))).collect();
         Ok(updates
@@ -284,6 +350,7 @@ impl<E: ModelExecutor> EngineCore<E> {
         &self,
         out: &SchedulerOutput,
         output: ModelOutput,
+        masks: &HashMap<RequestId, Vec<u32>>,
     ) -> Result<Vec<Option<SampledToken>>, ExecError> {
         let mut rows = match output {
             ModelOutput::Logits(logits) => Rows::Logits { logits, next: 0 },
@@ -301,6 +368,7 @@ impl<E: ModelExecutor> EngineCore<E> {
                 tokens: seq.tokens(),
                 prompt_len: seq.prompt().len(),
                 eos_token_ids: &self.eos_token_ids,
+                allowed: masks.get(&id).map(Vec::as_slice),
             };
             let token =
                 rows.next(&ctx).ok_or_else(|| ExecError::Backend(format!("no output row for {id}")))?;
@@ -316,6 +384,20 @@ impl<E: ModelExecutor> EngineCore<E> {
             return Err(ExecError::Backend("more output rows than sequences to sample".into()));
         }
         Ok(next)
+    }
+
+    /// Tells each constrained sequence the token it was given.
+    fn advance_constraints(&mut self, out: &SchedulerOutput, tokens: &[Option<TokenId>]) {
+        if self.constraints.is_empty() {
+            return;
+        }
+        for ((id, _), token) in out.batch().zip(tokens) {
+            if let (Some(c), Some(t)) = (self.constraints.get_mut(&id), token)
+                && let Err(e) = c.consume(*t)
+            {
+                tracing::error!(%id, error = %e, "the grammar refused a token it allowed");
+            }
+        }
     }
 
     fn fail(&mut self, out: &SchedulerOutput, message: &str) -> Vec<SeqOutput> {

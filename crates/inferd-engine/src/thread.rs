@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use inferd_contract::{Capabilities, ExecError, ModelExecutor};
-use inferd_core::{FinishReason, RequestId, StreamEvent, TokenId};
+use inferd_core::{FinishReason, RequestId, StreamEvent, TokenConstraint, TokenId};
 use inferd_sched::{SchedulerStats, SequenceRequest};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -25,8 +25,15 @@ const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 enum Command {
-    Add { req: SequenceRequest, events: UnboundedSender<StreamEvent> },
-    Abort { id: RequestId, reason: FinishReason },
+    Add {
+        req: SequenceRequest,
+        constraint: Option<Box<dyn TokenConstraint>>,
+        events: UnboundedSender<StreamEvent>,
+    },
+    Abort {
+        id: RequestId,
+        reason: FinishReason,
+    },
     Shutdown,
 }
 
@@ -209,8 +216,18 @@ impl EngineHandle {
     /// Queues a sequence; its events arrive on the returned receiver. The
     /// first event is `Scheduled` or, if the engine refuses it, `Error`.
     pub fn add(&self, req: SequenceRequest) -> Result<UnboundedReceiver<StreamEvent>, EngineGone> {
+        self.add_constrained(req, None)
+    }
+
+    /// [`EngineHandle::add`] for a sequence whose tokens `constraint` (a
+    /// grammar) decides as well.
+    pub fn add_constrained(
+        &self,
+        req: SequenceRequest,
+        constraint: Option<Box<dyn TokenConstraint>>,
+    ) -> Result<UnboundedReceiver<StreamEvent>, EngineGone> {
         let (events, rx) = unbounded_channel();
-        self.commands.send(Command::Add { req, events }).map_err(|_| EngineGone)?;
+        self.commands.send(Command::Add { req, constraint, events }).map_err(|_| EngineGone)?;
         Ok(rx)
     }
 
@@ -319,9 +336,9 @@ impl<E: ModelExecutor> EngineLoop<E> {
     /// Returns false on shutdown.
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
-            Command::Add { req, events } => {
+            Command::Add { req, constraint, events } => {
                 let id = req.id;
-                match self.core.add(req) {
+                match self.core.add_constrained(req, constraint) {
                     Ok(()) => {
                         self.streams.insert(id, events);
                     }

@@ -466,3 +466,67 @@ fn a_failing_backend_build_is_reported_not_hung() {
     .unwrap_err();
     assert!(err.to_string().contains("no such device"), "{err}");
 }
+
+/// A test grammar: even tokens only, then after `limit` tokens nothing but
+/// EOS; it records every token it is told of.
+#[derive(Debug)]
+struct EvenThenStop {
+    limit: usize,
+    seen: Arc<Mutex<Vec<TokenId>>>,
+}
+
+impl inferd_core::TokenConstraint for EvenThenStop {
+    fn allowed(&mut self, mask: &mut [u32]) -> Result<(), String> {
+        mask.fill(0);
+        let allow = |mask: &mut [u32], t: usize| mask[t / 32] |= 1 << (t % 32);
+        if self.is_finished() {
+            allow(mask, EOS as usize);
+        } else {
+            (2..VOCAB).step_by(2).for_each(|t| allow(mask, t));
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self, token: TokenId) -> Result<(), String> {
+        self.seen.lock().unwrap().push(token);
+        Ok(())
+    }
+
+    fn is_finished(&self) -> bool {
+        self.seen.lock().unwrap().len() >= self.limit
+    }
+}
+
+#[test]
+fn a_constrained_sequence_samples_only_what_its_grammar_allows_across_preemption() {
+    // The tiny cache of the preemption test: sequences are preempted and
+    // recomputed while their grammars hold state.
+    let fake = FakeExecutor::new(BLOCK, 14, VOCAB, 256);
+    let mut core = EngineCore::new(fake, &config(8, 64), vec![EOS]).unwrap();
+    let mut seen = Vec::new();
+    for id in 0..4 {
+        let req = request(id, prompt(8, id as u32), greedy(20));
+        if id % 2 == 0 {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            seen.push((id, log.clone()));
+            core.add_constrained(req, Some(Box::new(EvenThenStop { limit: 12, seen: log }))).unwrap();
+        } else {
+            core.add(req).unwrap();
+        }
+    }
+    let outputs = run_all(&mut core);
+    assert!(core.stats().num_preemptions > 0, "the tiny cache must force preemption");
+    for (id, log) in seen {
+        let tokens = tokens_of(&outputs, id);
+        let (body, last) = tokens.split_at(12);
+        assert!(body.iter().all(|t| t % 2 == 0), "seq {id}: {tokens:?}");
+        assert_eq!(last, [EOS], "seq {id} ends when its grammar does");
+        assert_eq!(*log.lock().unwrap(), tokens, "seq {id}: the grammar saw exactly its output, once");
+        let end = outputs.iter().find(|o| o.id == RequestId(id) && o.finished.is_some()).unwrap();
+        assert_eq!(end.finished, Some(FinishReason::Stop));
+    }
+    // Rows without a grammar in the same batches are untouched.
+    for id in [1, 3] {
+        assert_eq!(tokens_of(&outputs, id), fake_generate(&prompt(8, id as u32), 20, VOCAB), "seq {id}");
+    }
+}

@@ -364,8 +364,13 @@ mod tests {
             panic!("tokens expected")
         };
         let p = SamplingParams { temperature: 0.0, logprobs: Some(2), ..Default::default() };
-        let ctx =
-            crate::sampler::SampleContext { params: &p, tokens: &prompt, prompt_len: 3, eos_token_ids: &[] };
+        let ctx = crate::sampler::SampleContext {
+            params: &p,
+            tokens: &prompt,
+            prompt_len: 3,
+            eos_token_ids: &[],
+            allowed: None,
+        };
         let host = crate::sampler::sample(l.row_mut(0), &ctx);
         assert_eq!(host.token, s[0].token);
         let (a, b) = (host.logprobs.unwrap(), s[0].logprobs.clone().unwrap());

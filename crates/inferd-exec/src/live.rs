@@ -175,6 +175,7 @@ mod tests {
                     tokens: &[3],
                     prompt_len: 1,
                     eos_token_ids: &[],
+                    allowed: None,
                 };
                 counts[crate::sampler::sample(&mut logits.clone(), &ctx).token as usize] += 1;
             }

@@ -22,6 +22,9 @@ pub struct SampleContext<'a> {
     pub tokens: &'a [TokenId],
     pub prompt_len: usize,
     pub eos_token_ids: &'a [TokenId],
+    /// The tokens a constraint (a grammar) allows next, one bit per token;
+    /// `None` when the sequence has none.
+    pub allowed: Option<&'a [u32]>,
 }
 
 /// Applies repetition (prompt and output), frequency and presence (output)
@@ -61,6 +64,15 @@ pub fn mask_early_stop(logits: &mut [f32], ctx: &SampleContext) {
     let eos = if ctx.params.ignore_eos { &[][..] } else { ctx.eos_token_ids };
     for &t in eos.iter().chain(&ctx.params.stop_token_ids) {
         if let Some(l) = logits.get_mut(t as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Forbids every token `mask` does not allow.
+pub fn mask_disallowed(logits: &mut [f32], mask: &[u32]) {
+    for (t, l) in logits.iter_mut().enumerate() {
+        if !inferd_core::mask_allows(mask, t as TokenId) {
             *l = f32::NEG_INFINITY;
         }
     }
@@ -134,7 +146,11 @@ pub fn sample_with<R: Rng>(
         }
     }
     apply_penalties(logits, ctx);
-    mask_early_stop(logits, ctx);
+    match ctx.allowed {
+        // A grammar decides where the output ends: min_tokens yields to it.
+        Some(mask) => mask_disallowed(logits, mask),
+        None => mask_early_stop(logits, ctx),
+    }
     let p = ctx.params;
     let token = if p.is_greedy() { argmax(logits) } else { draw(logits, p, rng) };
     let lp = p.logprobs.map(|k| logprobs(logits, token, k as usize));
@@ -195,7 +211,7 @@ mod tests {
     use super::*;
 
     fn ctx<'a>(params: &'a SamplingParams, tokens: &'a [TokenId]) -> SampleContext<'a> {
-        SampleContext { params, tokens, prompt_len: 1, eos_token_ids: &[0] }
+        SampleContext { params, tokens, prompt_len: 1, eos_token_ids: &[0], allowed: None }
     }
 
     #[test]
@@ -301,7 +317,13 @@ mod tests {
         // Prompt [1]; output [2, 2].
         apply_penalties(
             &mut logits,
-            &SampleContext { params: &params, tokens: &[1, 2, 2], prompt_len: 1, eos_token_ids: &[] },
+            &SampleContext {
+                params: &params,
+                tokens: &[1, 2, 2],
+                prompt_len: 1,
+                eos_token_ids: &[],
+                allowed: None,
+            },
         );
         assert_eq!(logits, [4.0, -2.0, 4.0 / 2.0 - 1.0 - 1.0, 4.0]);
     }

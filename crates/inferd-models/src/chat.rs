@@ -7,16 +7,22 @@ use serde::Serialize;
 
 use crate::error::{ModelError, Result};
 
-/// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One message of a conversation. Assistant messages may carry the tool
+/// calls they made and tool messages the id of the call they answer, in
+/// OpenAI's shapes, for templates that render them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage { role: role.into(), content: content.into(), tool_calls: None, tool_call_id: None }
     }
 }
 
@@ -26,6 +32,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Whether the template renders a `tools` list itself.
+    supports_tools: bool,
 }
 
 const NAME: &str = "chat";
@@ -54,15 +62,35 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned(NAME, source.to_string()).map_err(template_err)?;
-        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        let supports_tools = source.contains("tools");
+        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into(), supports_tools })
     }
 
     /// The prompt for `messages`, ending with the assistant's turn opener
     /// when `add_generation_prompt` is set.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template renders tool definitions (a `tools` variable)
+    /// itself; when it does not, callers describe tools in a system message.
+    pub fn supports_tools(&self) -> bool {
+        self.supports_tools
+    }
+
+    /// [`ChatTemplate::render`] with the tools the model may call (OpenAI's
+    /// `[{"type": "function", "function": {...}}]`) as the template's
+    /// `tools` variable.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self.env.get_template(NAME).map_err(template_err)?;
         tmpl.render(context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,

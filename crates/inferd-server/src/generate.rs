@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use inferd_core::{FinishReason, RequestId, SamplingParams, StreamEvent, TokenLogprobs};
+use inferd_core::{FinishReason, RequestId, SamplingParams, StreamEvent, TokenConstraint, TokenLogprobs};
 use inferd_engine::EngineHandle;
 use inferd_sched::SequenceRequest;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -82,6 +82,7 @@ impl Choice {
         permit: Permit,
         limits: Limits,
         meter: Arc<RequestMeter>,
+        constraint: Option<Box<dyn TokenConstraint>>,
     ) -> Result<Self, ApiError> {
         let engine = &serving.engine;
         let id = engine.next_id();
@@ -90,7 +91,7 @@ impl Choice {
         let priority = meter.priority();
         let req = SequenceRequest { priority, ..SequenceRequest::new(id, prompt, params) };
         let rx = engine
-            .add(req)
+            .add_constrained(req, constraint)
             .map_err(|e| ApiError::Unavailable { message: e.to_string(), retry_after_secs: 5 })?;
         serving.open_choices.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         meter.choice_started();
@@ -223,7 +224,8 @@ impl Choice {
 }
 
 /// Starts `n` choices for each prompt; choice `i` of a seeded request uses
-/// `seed + i`, so choices differ but the request is reproducible.
+/// `seed + i`, so choices differ but the request is reproducible. Each
+/// choice takes the next of `constraints` (none when it runs out).
 pub fn start_choices(
     st: &crate::state::AppState,
     serving: &crate::state::Serving,
@@ -231,7 +233,9 @@ pub fn start_choices(
     params: &SamplingParams,
     timeout: Duration,
     meter: &Arc<RequestMeter>,
+    constraints: Vec<Option<Box<dyn TokenConstraint>>>,
 ) -> Result<Vec<Choice>, ApiError> {
+    let mut constraints = constraints.into_iter();
     let n = params.n;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut permits = st.admission.admit(prompts.len() * n as usize, longest + params.max_tokens as usize)?;
@@ -256,6 +260,7 @@ pub fn start_choices(
                 permit,
                 limits,
                 meter.clone(),
+                constraints.next().flatten(),
             )?);
         }
     }

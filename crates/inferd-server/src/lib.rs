@@ -22,6 +22,8 @@ pub mod responses;
 pub mod routes;
 pub mod sse;
 pub mod state;
+pub mod structured;
 pub mod telemetry;
+pub mod tools;
 pub mod usage;
 pub mod validate;

@@ -66,6 +66,14 @@ pub struct SamplingFields {
     pub user: Option<String>,
     /// OpenAI's free-form request metadata; `feature` tags usage.
     pub metadata: Option<std::collections::HashMap<String, serde_json::Value>>,
+    /// OpenAI's structured output: `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub response_format: Option<serde_json::Value>,
+    /// vLLM's structured output: a JSON schema (object or text), a regex,
+    /// one of several strings, or a Lark grammar.
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -99,6 +107,10 @@ pub struct ContentPart {
 pub struct Message {
     pub role: String,
     pub content: Option<MessageContent>,
+    /// An assistant message's earlier calls (OpenAI's shape).
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool message's answer to this call.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -110,6 +122,11 @@ pub struct ChatRequest {
     pub top_logprobs: Option<u32>,
     /// Newer name of `max_tokens`.
     pub max_completion_tokens: Option<u32>,
+    /// Functions the model may call.
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
+    pub tool_choice: Option<serde_json::Value>,
+    pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }

@@ -20,6 +20,8 @@ pub struct Envelope {
     pub created: u64,
     pub model: String,
     pub route: Route,
+    /// Chat with tools in play: each choice's output is read for calls.
+    pub tools: Option<Arc<crate::tools::ToolSet>>,
 }
 
 pub use inferd_gateway::meter::UsageTotals;
@@ -93,19 +95,58 @@ impl Envelope {
         }
     }
 
+    /// The text of a chat choice as content and tool calls, and its
+    /// finish reason: `tool_calls` when it made any.
+    pub fn read_calls<'a>(&self, text: &str, finish: &'a str) -> (Option<String>, Vec<Value>, &'a str) {
+        match &self.tools {
+            Some(tools) => {
+                let mut ids = || format!("call_{}", crate::request_id::generate());
+                let (content, calls) = tools.read_output(text, &mut ids);
+                let finish = if calls.is_empty() { finish } else { "tool_calls" };
+                (content, calls.iter().map(crate::tools::ToolCall::to_json).collect(), finish)
+            }
+            None => (Some(text.to_string()), Vec::new(), finish),
+        }
+    }
+
     /// One choice of a complete (non-streamed) response.
-    pub fn choice(&self, index: u32, text: String, logprobs: Option<Value>, finish: &str) -> Value {
+    pub fn choice(&self, index: u32, text: &str, logprobs: Option<Value>, finish: &str) -> Value {
         match self.route {
             Route::Completions => {
                 json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
-            Route::Chat => json!({
-                "index": index,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }),
+            Route::Chat => {
+                let (content, calls, finish) = self.read_calls(text, finish);
+                let mut message = json!({"role": "assistant", "content": content});
+                if !calls.is_empty() {
+                    message["tool_calls"] = Value::Array(calls);
+                }
+                json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            }
         }
+    }
+
+    /// The chunks that end a chat choice whose text was held back while
+    /// tools were in play: its content, then each call (id, name, then its
+    /// arguments, the way OpenAI streams them), then the finish reason.
+    pub fn tool_chunks(&self, index: u32, text: &str, logprobs: Option<Value>, finish: &str) -> Vec<Value> {
+        let (content, calls, finish) = self.read_calls(text, finish);
+        let mut out = vec![self.chunk(index, content.as_deref().unwrap_or(""), logprobs, None, true)];
+        for (i, call) in calls.iter().enumerate() {
+            let start = json!({"index": i, "id": call["id"], "type": "function",
+                               "function": {"name": call["function"]["name"], "arguments": ""}});
+            let args = json!({"index": i, "function": {"arguments": call["function"]["arguments"]}});
+            for delta in [start, args] {
+                out.push(self.delta_chunk(index, json!({"tool_calls": [delta]}), None));
+            }
+        }
+        out.push(self.delta_chunk(index, json!({}), Some(finish)));
+        out
+    }
+
+    fn delta_chunk(&self, index: u32, delta: Value, finish: Option<&str>) -> Value {
+        let choice = json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish});
+        json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]})
     }
 
     /// The complete response.

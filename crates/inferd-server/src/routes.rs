@@ -1,6 +1,7 @@
 //! The HTTP routes: OpenAI completions and chat completions (streamed or
 //! not), models, tokenize and detokenize, health and stats.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
@@ -22,6 +23,7 @@ use crate::openai::{
 use crate::responses::{Envelope, Route, logprobs_json};
 use crate::state::{Phase, Serving, SharedState};
 use crate::tenants::Caller;
+use crate::tools::ToolSet;
 
 /// One route: its method and path (as the OpenAPI document names them),
 /// whether it needs an API key when tenants are configured, and its handler.
@@ -149,11 +151,16 @@ fn message_text(m: &Message) -> Result<String, ApiError> {
 /// The most messages one conversation may hold.
 pub const MAX_MESSAGES: usize = 2048;
 
-/// Renders a conversation through the model's chat template.
+/// Renders a conversation through the model's chat template, with the
+/// tools the model may call when `tools` is active: through the template
+/// when it renders tools, else described in a system message. Earlier
+/// calls and tool results are shown to templates without tool support in
+/// the format that system message teaches.
 fn render_chat(
     serving: &Serving,
     messages: &[Message],
     add_generation_prompt: bool,
+    tools: Option<&ToolSet>,
 ) -> Result<String, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages must hold at least one message", "messages"));
@@ -164,17 +171,60 @@ fn render_chat(
             "messages",
         ));
     }
-    let mut chat = Vec::with_capacity(messages.len());
+    let template = serving.chat_template.as_ref().ok_or_else(|| {
+        ApiError::invalid("this model has no chat template; use /v1/completions", "messages")
+    })?;
+    let native = template.supports_tools();
+    let mut chat = Vec::with_capacity(messages.len() + 1);
     for m in messages {
         if !["system", "user", "assistant", "tool", "developer"].contains(&m.role.as_str()) {
             return Err(ApiError::invalid(format!("unknown message role {:?}", m.role), "messages"));
         }
-        chat.push(ChatMessage::new(m.role.clone(), message_text(m)?));
+        let mut msg = ChatMessage::new(m.role.clone(), message_text(m)?);
+        if let Some(calls) = &m.tool_calls {
+            if m.role != "assistant" || !calls.is_array() {
+                return Err(ApiError::invalid(
+                    "tool_calls is a list, on assistant messages only",
+                    "messages",
+                ));
+            }
+            if native {
+                msg.tool_calls = Some(calls.clone());
+            } else {
+                let text = ToolSet::hermes_call_text(calls);
+                msg.content = [msg.content.trim(), &text]
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+            }
+        }
+        if m.role == "tool" {
+            if native {
+                msg.tool_call_id = m.tool_call_id.clone();
+            } else {
+                msg = ChatMessage::new("user", format!("<tool_response>\n{}\n</tool_response>", msg.content));
+            }
+        }
+        chat.push(msg);
     }
-    let template = serving.chat_template.as_ref().ok_or_else(|| {
-        ApiError::invalid("this model has no chat template; use /v1/completions", "messages")
-    })?;
-    template.render(&chat, add_generation_prompt).map_err(|e| ApiError::invalid(e.to_string(), "messages"))
+    let tools = tools.filter(|t| t.active());
+    let listed = match tools {
+        Some(t) if native => Some(t.tools_json()),
+        Some(t) => {
+            let prompt = t.system_prompt();
+            match chat.first_mut().filter(|m| m.role == "system") {
+                Some(system) => system.content = format!("{prompt}\n\n{}", system.content),
+                None => chat.insert(0, ChatMessage::new("system", prompt)),
+            }
+            None
+        }
+        None => None,
+    };
+    template
+        .render_with_tools(&chat, listed.as_ref(), add_generation_prompt)
+        .map_err(|e| ApiError::invalid(e.to_string(), "messages"))
 }
 
 fn check_tokens(serving: &Serving, ids: &[u32]) -> Result<(), ApiError> {
@@ -229,7 +279,8 @@ async fn completions(
     }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let params = req.params(longest, serving.max_model_len)?;
-    run(&st, serving, Route::Completions, prompts, params, &req.sampling, ctx).await
+    let output = Output { spec: crate::structured::spec(&req.sampling)?, tools: None };
+    run(&st, serving, Route::Completions, prompts, params, &req.sampling, ctx, output).await
 }
 
 async fn chat_completions(
@@ -252,16 +303,35 @@ async fn chat_completions(
     let ctx = RequestCtx::new(caller, &headers, &req.sampling, kept_prompt, arrival)?;
     // Refuse bad parameters before rendering and tokenizing.
     req.params(0, usize::MAX)?;
+    let tools = ToolSet::parse(req.tools.as_deref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
+    let mut spec = crate::structured::spec(&req.sampling)?;
+    if let Some(grammar) = tools.as_ref().and_then(ToolSet::grammar) {
+        if spec.is_some() {
+            return Err(ApiError::invalid(
+                "a required or named tool_choice already fixes the output; drop response_format and guided_*",
+                "tool_choice",
+            ));
+        }
+        if req.sampling.ignore_eos {
+            return Err(ApiError::invalid(
+                "ignore_eos cannot be combined with a required tool call",
+                "ignore_eos",
+            ));
+        }
+        spec = Some(grammar);
+    }
+    let tools = tools.filter(ToolSet::active).map(Arc::new);
     let st2 = st.clone();
     let messages = req.messages.clone();
+    let shown = tools.clone();
     let prompt = blocking(move || {
         let serving = st2.serving()?;
-        let text = render_chat(serving, &messages, true)?;
+        let text = render_chat(serving, &messages, true, shown.as_deref())?;
         serving.tokenizer.encode(&text).map_err(|e| ApiError::invalid(e.to_string(), "messages"))
     })
     .await?;
     let params = req.params(prompt.len(), serving.max_model_len)?;
-    run(&st, serving, Route::Chat, vec![prompt], params, &req.sampling, ctx).await
+    run(&st, serving, Route::Chat, vec![prompt], params, &req.sampling, ctx, Output { spec, tools }).await
 }
 
 /// Who asked, and what the usage record needs besides token counts.
@@ -347,6 +417,14 @@ fn busy_micros(engine: &inferd_engine::EngineHandle) -> std::sync::Arc<dyn infer
 }
 
 /// Starts the choices and answers in one body or as a stream.
+/// What a request's output must be: a grammar to hold it to, and the tools
+/// whose calls are read from it.
+struct Output {
+    spec: Option<inferd_grammar::Spec>,
+    tools: Option<Arc<ToolSet>>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     st: &crate::state::AppState,
     serving: &Serving,
@@ -355,6 +433,7 @@ async fn run(
     params: SamplingParams,
     fields: &crate::openai::SamplingFields,
     ctx: RequestCtx,
+    output: Output,
 ) -> Result<Response, ApiError> {
     if let Some(&(t, _)) = params.logit_bias.iter().find(|(t, _)| *t as usize >= serving.vocab_size) {
         return Err(ApiError::invalid(
@@ -364,6 +443,38 @@ async fn run(
     }
     serving.check_backend()?;
     st.check_ledger()?;
+    // Each choice's grammar state, compiled (or taken from the cache) off
+    // the async runtime before anything is queued.
+    let constraints = match output.spec {
+        Some(spec) => {
+            let grammars = serving.grammars.clone().map_err(|why| {
+                ApiError::invalid(
+                    format!("structured output is unavailable for this model: {why}"),
+                    "response_format",
+                )
+            })?;
+            if serving.engine.capabilities().samples_on_device() {
+                return Err(ApiError::invalid(
+                    "structured output needs the engine's sampler, and this backend samples on its device",
+                    crate::structured::param_of(fields),
+                ));
+            }
+            let count = prompts.len() * params.n as usize;
+            let param = crate::structured::param_of(fields);
+            blocking(move || {
+                (0..count)
+                    .map(|_| {
+                        grammars
+                            .constraint(&spec)
+                            .map(Some)
+                            .map_err(|e| ApiError::invalid(e.to_string(), param))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?
+        }
+        None => Vec::new(),
+    };
     crate::validate::check_device_sampling(&params, serving.engine.capabilities().device_sampling)?;
     for p in &prompts {
         crate::validate::check_compiled_prompt(p.len(), serving.max_prompt_tokens)?;
@@ -397,6 +508,7 @@ async fn run(
         created: now_secs(),
         model: serving.model_name.to_string(),
         route,
+        tools: output.tools,
     };
     let info = RequestInfo {
         caller: ctx.caller,
@@ -416,7 +528,7 @@ async fn run(
         busy_micros(&serving.engine),
         st.live_meters.clone(),
     );
-    let choices = start_choices(st, serving, prompts, &params, timeout, &meter)?;
+    let choices = start_choices(st, serving, prompts, &params, timeout, &meter, constraints)?;
     let tokenizer = serving.tokenizer.clone();
     if fields.stream {
         let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
@@ -437,7 +549,7 @@ async fn run(
             let (choice, text, lps) = r?;
             let logprobs = params.logprobs.map(|_| logprobs_json(envelope.route, &tokenizer, &lps, 0));
             let finish = choice.finish_reason.unwrap_or(FinishReason::Abort).as_str();
-            out.push(envelope.choice(choice.index, text, logprobs, finish));
+            out.push(envelope.choice(choice.index, &text, logprobs, finish));
         }
         // On disk before the client has its answer.
         let usage = meter.finish().await;
@@ -494,7 +606,7 @@ async fn tokenize(
         let serving = st2.serving()?;
         let text = match req {
             TokenizeRequest::Chat { messages, add_generation_prompt, .. } => {
-                render_chat(serving, &messages, add_generation_prompt)?
+                render_chat(serving, &messages, add_generation_prompt, None)?
             }
             TokenizeRequest::Prompt { prompt, .. } => prompt,
         };

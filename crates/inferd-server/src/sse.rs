@@ -76,9 +76,25 @@ pub fn stream(
     tokio::spawn(async move {
         let mut started = vec![false; total];
         let mut offsets = vec![0usize; total];
+        // With tools in play, each choice's text is held until it ends and
+        // then sent as content or tool calls.
+        let mut held: Vec<(String, Vec<(u32, inferd_core::TokenLogprobs)>)> = vec![Default::default(); total];
         let mut done = 0;
         while let Some(msg) = msg_rx.recv().await {
             let event = match msg {
+                Msg::Piece(index, piece) if envelope.tools.is_some() => {
+                    let (text, lps) = &mut held[index as usize];
+                    text.push_str(&piece.text);
+                    lps.extend(piece.logprobs);
+                    let Some(finish) = piece.finished else { continue };
+                    let lps = (!lps.is_empty()).then(|| logprobs_json(envelope.route, &tokenizer, lps, 0));
+                    for chunk in envelope.tool_chunks(index, text, lps, finish.as_str()) {
+                        if ev_tx.send(Event::default().data(chunk.to_string())).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 Msg::Piece(index, piece) => {
                     let i = index as usize;
                     if piece.text.is_empty()

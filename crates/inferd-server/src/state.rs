@@ -26,6 +26,9 @@ pub struct Serving {
     pub max_prompt_tokens: Option<usize>,
     /// Sequences a client is still waiting on (draining waits for these).
     pub open_choices: Arc<std::sync::atomic::AtomicUsize>,
+    /// Structured output's grammars for this model's vocabulary, or why
+    /// there are none (a tokenizer llguidance cannot read).
+    pub grammars: Result<Arc<inferd_grammar::Grammars>, String>,
 }
 
 /// Where the process is in its life, as readiness reports it.

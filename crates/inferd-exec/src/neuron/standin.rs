@@ -240,7 +240,13 @@ impl StandIn {
                 SamplingParams { top_k: Some(sampling.effective_top_k(params)), ..(**params).clone() };
             // Only its length matters here: it seeds the draw.
             let history = vec![0; input.context_lens[s] as usize];
-            let ctx = SampleContext { params: &device, tokens: &history, prompt_len: 0, eos_token_ids: &[] };
+            let ctx = SampleContext {
+                params: &device,
+                tokens: &history,
+                prompt_len: 0,
+                eos_token_ids: &[],
+                allowed: None,
+            };
             out.push(sample(logits.row_mut(row), &ctx));
         }
         Ok(out)
