@@ -489,6 +489,7 @@ async fn stream_to_end(base: String, tenant: &'static str, body: Value) {
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     assert!(text.contains("[DONE]"));
+    assert!(!text.contains("\"error\""), "{text}");
 }
 
 /// Waits until the server reports `n` sequences waiting.
@@ -501,10 +502,12 @@ async fn wait_for_waiting(srv: &Server, n: u64) {
 async fn a_higher_priority_tenant_is_scheduled_first() {
     let dir = temp_dir("priority");
     let config = write_config(&dir, &[tenant("low", "priority = 0"), tenant("high", "priority = 10")]);
-    // One sequence at a time, so the others queue behind it.
-    let srv = Server::start(&["--config", &config, "--max-num-seqs", "1"]);
+    // One sequence at a time, so the others queue behind it; a queue wait
+    // long enough for a loaded 2-core machine (400 tokens once outlasted
+    // the default 30 s there, and the queued requests timed out).
+    let srv = Server::start(&["--config", &config, "--max-num-seqs", "1", "--max-queue-wait", "600"]);
     let long =
-        json!({"prompt": "Tell me a long story", "max_tokens": 400, "ignore_eos": true, "stream": true});
+        json!({"prompt": "Tell me a long story", "max_tokens": 150, "ignore_eos": true, "stream": true});
     let short = json!({"prompt": "Hi", "max_tokens": 4, "ignore_eos": true, "stream": true});
     let resp =
         client().post(srv.url("/v1/completions")).bearer_auth("key-low").json(&long).send().await.unwrap();
