@@ -23,3 +23,8 @@ pub trait TokenConstraint: Send + std::fmt::Debug {
 pub fn mask_allows(mask: &[u32], token: TokenId) -> bool {
     mask.get(token as usize / 32).is_some_and(|w| w >> (token % 32) & 1 == 1)
 }
+
+/// Sets bit `token` in `mask`.
+pub fn mask_allow(mask: &mut [u32], token: TokenId) {
+    mask[token as usize / 32] |= 1 << (token % 32);
+}

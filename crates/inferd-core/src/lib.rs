@@ -7,7 +7,7 @@ mod events;
 mod ids;
 mod sampling;
 
-pub use constraint::{TokenConstraint, mask_allows};
+pub use constraint::{TokenConstraint, mask_allow, mask_allows};
 pub use events::{FinishReason, Logprob, StreamEvent, TokenLogprobs, Usage};
 pub use ids::{RequestId, TokenId};
 pub use sampling::{MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingError, SamplingParams};

@@ -111,7 +111,7 @@ fn constraint_masks(
             tracing::error!(%id, error = %e, "the grammar could not say what comes next; ending the sequence");
             mask.fill(0);
             if let Some(&eos) = scheduler.config().eos_token_ids.first() {
-                mask[eos as usize / 32] |= 1 << (eos % 32);
+                inferd_core::mask_allow(&mut mask, eos);
             }
         }
         masks.insert(id, mask);

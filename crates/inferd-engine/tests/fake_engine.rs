@@ -478,11 +478,10 @@ struct EvenThenStop {
 impl inferd_core::TokenConstraint for EvenThenStop {
     fn allowed(&mut self, mask: &mut [u32]) -> Result<(), String> {
         mask.fill(0);
-        let allow = |mask: &mut [u32], t: usize| mask[t / 32] |= 1 << (t % 32);
         if self.is_finished() {
-            allow(mask, EOS as usize);
+            inferd_core::mask_allow(mask, EOS);
         } else {
-            (2..VOCAB).step_by(2).for_each(|t| allow(mask, t));
+            (2..VOCAB as TokenId).step_by(2).for_each(|t| inferd_core::mask_allow(mask, t));
         }
         Ok(())
     }

@@ -54,6 +54,9 @@ pub enum LedgerError {
     Stopped,
     #[error("creating the ledger's folder {path}: {source}")]
     Folder { path: String, source: std::io::Error },
+    /// Its writer thread or its PostgreSQL client's runtime did not start.
+    #[error("starting the ledger's writer: {0}")]
+    Start(std::io::Error),
 }
 
 impl LedgerError {
@@ -290,7 +293,7 @@ impl Ledger {
             .thread_name("inferd-ledger-pg")
             .enable_all()
             .build()
-            .map_err(|source| LedgerError::Folder { path: target.to_string(), source })?;
+            .map_err(LedgerError::Start)?;
         let store = postgres::Store::new(url, runtime.handle().clone())?;
         store.migrate(wait)?;
         let (sink, reader) = (store.sink(), store.reader());
@@ -310,7 +313,7 @@ impl Ledger {
         let writer = std::thread::Builder::new()
             .name("inferd-ledger".into())
             .spawn(move || write_loop(sink, rx, &writer_stats, &writer_closing))
-            .map_err(|source| LedgerError::Folder { path: target.to_string(), source })?;
+            .map_err(LedgerError::Start)?;
         Ok(Ledger {
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),

@@ -9,6 +9,7 @@ pub use inferd_gateway::{clock, cost, limits, meter, redact, tenants};
 pub mod admission;
 pub mod args;
 pub mod auth;
+pub mod chat;
 pub mod conn;
 pub mod detok;
 pub mod drain;

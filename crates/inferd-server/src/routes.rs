@@ -11,15 +11,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 use axum::{Extension, Json, Router};
 use inferd_core::{FinishReason, SamplingParams};
-use inferd_models::ChatMessage;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
 use crate::generate::{Choice, start_choices};
 use crate::meter::{RequestInfo, RequestMeter};
-use crate::openai::{
-    ChatRequest, CompletionRequest, DetokenizeRequest, Message, MessageContent, Prompt, TokenizeRequest,
-};
+use crate::openai::{ChatRequest, CompletionRequest, DetokenizeRequest, Prompt, TokenizeRequest};
 use crate::responses::{Envelope, Route, logprobs_json};
 use crate::state::{Phase, Serving, SharedState};
 use crate::tenants::Caller;
@@ -126,107 +123,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
-fn message_text(m: &Message) -> Result<String, ApiError> {
-    match &m.content {
-        None => Ok(String::new()),
-        Some(MessageContent::Text(t)) => Ok(t.clone()),
-        Some(MessageContent::Parts(parts)) => {
-            let mut out = String::new();
-            for p in parts {
-                match (p.kind.as_str(), &p.text) {
-                    ("text", Some(t)) => out.push_str(t),
-                    (kind, _) => {
-                        return Err(ApiError::invalid(
-                            format!("content parts of type {kind:?} are not supported"),
-                            "messages",
-                        ));
-                    }
-                }
-            }
-            Ok(out)
-        }
-    }
-}
-
-/// The most messages one conversation may hold.
-pub const MAX_MESSAGES: usize = 2048;
-
-/// Renders a conversation through the model's chat template, with the
-/// tools the model may call when `tools` is active: through the template
-/// when it renders tools, else described in a system message. Earlier
-/// calls and tool results are shown to templates without tool support in
-/// the format that system message teaches.
-fn render_chat(
-    serving: &Serving,
-    messages: &[Message],
-    add_generation_prompt: bool,
-    tools: Option<&ToolSet>,
-) -> Result<String, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid("messages must hold at least one message", "messages"));
-    }
-    if messages.len() > MAX_MESSAGES {
-        return Err(ApiError::invalid(
-            format!("messages may hold at most {MAX_MESSAGES} messages, got {}", messages.len()),
-            "messages",
-        ));
-    }
-    let template = serving.chat_template.as_ref().ok_or_else(|| {
-        ApiError::invalid("this model has no chat template; use /v1/completions", "messages")
-    })?;
-    let native = template.supports_tools();
-    let mut chat = Vec::with_capacity(messages.len() + 1);
-    for m in messages {
-        if !["system", "user", "assistant", "tool", "developer"].contains(&m.role.as_str()) {
-            return Err(ApiError::invalid(format!("unknown message role {:?}", m.role), "messages"));
-        }
-        let mut msg = ChatMessage::new(m.role.clone(), message_text(m)?);
-        if let Some(calls) = &m.tool_calls {
-            if m.role != "assistant" || !calls.is_array() {
-                return Err(ApiError::invalid(
-                    "tool_calls is a list, on assistant messages only",
-                    "messages",
-                ));
-            }
-            if native {
-                msg.tool_calls = Some(calls.clone());
-            } else {
-                let text = ToolSet::hermes_call_text(calls);
-                msg.content = [msg.content.trim(), &text]
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("\n");
-            }
-        }
-        if m.role == "tool" {
-            if native {
-                msg.tool_call_id = m.tool_call_id.clone();
-            } else {
-                msg = ChatMessage::new("user", format!("<tool_response>\n{}\n</tool_response>", msg.content));
-            }
-        }
-        chat.push(msg);
-    }
-    let tools = tools.filter(|t| t.active());
-    let listed = match tools {
-        Some(t) if native => Some(t.tools_json()),
-        Some(t) => {
-            let prompt = t.system_prompt();
-            match chat.first_mut().filter(|m| m.role == "system") {
-                Some(system) => system.content = format!("{prompt}\n\n{}", system.content),
-                None => chat.insert(0, ChatMessage::new("system", prompt)),
-            }
-            None
-        }
-        None => None,
-    };
-    template
-        .render_with_tools(&chat, listed.as_ref(), add_generation_prompt)
-        .map_err(|e| ApiError::invalid(e.to_string(), "messages"))
-}
-
 fn check_tokens(serving: &Serving, ids: &[u32]) -> Result<(), ApiError> {
     match ids.iter().find(|&&t| t as usize >= serving.vocab_size) {
         Some(t) => Err(ApiError::invalid(
@@ -294,8 +190,11 @@ async fn chat_completions(
     let serving = st.serving()?;
     serving.check_model(req.model.as_deref(), &caller)?;
     let kept_prompt = if caller.tenant.log_prompts {
-        let lines: Result<Vec<String>, ApiError> =
-            req.messages.iter().map(|m| Ok(format!("{}: {}", m.role, message_text(m)?))).collect();
+        let lines: Result<Vec<String>, ApiError> = req
+            .messages
+            .iter()
+            .map(|m| Ok(format!("{}: {}", m.role, crate::chat::message_text(m)?)))
+            .collect();
         Some(lines?.join("\n"))
     } else {
         None
@@ -318,7 +217,7 @@ async fn chat_completions(
                 "ignore_eos",
             ));
         }
-        spec = Some(grammar);
+        spec = Some((grammar, "tool_choice"));
     }
     let tools = tools.filter(ToolSet::active).map(Arc::new);
     let st2 = st.clone();
@@ -326,7 +225,7 @@ async fn chat_completions(
     let shown = tools.clone();
     let prompt = blocking(move || {
         let serving = st2.serving()?;
-        let text = render_chat(serving, &messages, true, shown.as_deref())?;
+        let text = crate::chat::render(serving, &messages, true, shown.as_deref())?;
         serving.tokenizer.encode(&text).map_err(|e| ApiError::invalid(e.to_string(), "messages"))
     })
     .await?;
@@ -420,7 +319,8 @@ fn busy_micros(engine: &inferd_engine::EngineHandle) -> std::sync::Arc<dyn infer
 /// What a request's output must be: a grammar to hold it to, and the tools
 /// whose calls are read from it.
 struct Output {
-    spec: Option<inferd_grammar::Spec>,
+    /// The grammar, and the request field it came from.
+    spec: Option<(inferd_grammar::Spec, &'static str)>,
     tools: Option<Arc<ToolSet>>,
 }
 
@@ -446,7 +346,7 @@ async fn run(
     // Each choice's grammar state, compiled (or taken from the cache) off
     // the async runtime before anything is queued.
     let constraints = match output.spec {
-        Some(spec) => {
+        Some((spec, param)) => {
             let grammars = serving.grammars.clone().map_err(|why| {
                 ApiError::invalid(
                     format!("structured output is unavailable for this model: {why}"),
@@ -456,11 +356,10 @@ async fn run(
             if serving.engine.capabilities().samples_on_device() {
                 return Err(ApiError::invalid(
                     "structured output needs the engine's sampler, and this backend samples on its device",
-                    crate::structured::param_of(fields),
+                    param,
                 ));
             }
             let count = prompts.len() * params.n as usize;
-            let param = crate::structured::param_of(fields);
             blocking(move || {
                 (0..count)
                     .map(|_| {
@@ -606,7 +505,7 @@ async fn tokenize(
         let serving = st2.serving()?;
         let text = match req {
             TokenizeRequest::Chat { messages, add_generation_prompt, .. } => {
-                render_chat(serving, &messages, add_generation_prompt, None)?
+                crate::chat::render(serving, &messages, add_generation_prompt, None)?
             }
             TokenizeRequest::Prompt { prompt, .. } => prompt,
         };

@@ -54,9 +54,9 @@ fn response_format(v: &Value) -> Result<Option<Spec>, ApiError> {
     }
 }
 
-/// The grammar a request's fields ask for, if any; at most one of them may
-/// be given.
-pub fn spec(fields: &SamplingFields) -> Result<Option<Spec>, ApiError> {
+/// The grammar a request's fields ask for, if any, with the field it came
+/// from (for errors); at most one of them may be given.
+pub fn spec(fields: &SamplingFields) -> Result<Option<(Spec, &'static str)>, ApiError> {
     let given: Vec<&str> = [
         ("response_format", fields.response_format.is_some()),
         ("guided_json", fields.guided_json.is_some()),
@@ -74,21 +74,21 @@ pub fn spec(fields: &SamplingFields) -> Result<Option<Spec>, ApiError> {
         ));
     }
     let spec = if let Some(v) = &fields.response_format {
-        response_format(v)?
+        response_format(v)?.map(|s| (s, "response_format"))
     } else if let Some(v) = &fields.guided_json {
-        Some(schema_of(v, "guided_json")?)
+        Some((schema_of(v, "guided_json")?, "guided_json"))
     } else if let Some(rx) = &fields.guided_regex {
         too_long(rx.len(), "guided_regex")?;
-        Some(Spec::Regex(rx.clone()))
+        Some((Spec::Regex(rx.clone()), "guided_regex"))
     } else if let Some(choices) = &fields.guided_choice {
         if choices.is_empty() || choices.iter().any(String::is_empty) {
             return Err(ApiError::invalid("guided_choice must list non-empty strings", "guided_choice"));
         }
         too_long(choices.iter().map(String::len).sum(), "guided_choice")?;
-        Some(Spec::Choice(choices.clone()))
+        Some((Spec::Choice(choices.clone()), "guided_choice"))
     } else if let Some(g) = &fields.guided_grammar {
         too_long(g.len(), "guided_grammar")?;
-        Some(Spec::Lark(g.clone()))
+        Some((Spec::Lark(g.clone()), "guided_grammar"))
     } else {
         None
     };
@@ -99,23 +99,6 @@ pub fn spec(fields: &SamplingFields) -> Result<Option<Spec>, ApiError> {
         ));
     }
     Ok(spec)
-}
-
-/// Which request field a grammar came from, for errors.
-pub fn param_of(fields: &SamplingFields) -> &'static str {
-    if fields.guided_json.is_some() {
-        "guided_json"
-    } else if fields.guided_regex.is_some() {
-        "guided_regex"
-    } else if fields.guided_choice.is_some() {
-        "guided_choice"
-    } else if fields.guided_grammar.is_some() {
-        "guided_grammar"
-    } else if fields.response_format.is_some() {
-        "response_format"
-    } else {
-        "tool_choice"
-    }
 }
 
 #[cfg(test)]
@@ -143,7 +126,7 @@ mod tests {
             (json!({"guided_grammar": "start: \"x\""}), Some(Spec::Lark("start: \"x\"".into()))),
         ];
         for (body, want) in cases {
-            assert_eq!(spec(&fields(body.clone())).unwrap(), want, "{body}");
+            assert_eq!(spec(&fields(body.clone())).unwrap().map(|(s, _)| s), want, "{body}");
         }
     }
 
