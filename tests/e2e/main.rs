@@ -8,6 +8,7 @@ mod errors;
 mod fleet;
 mod harness;
 mod hostile;
+mod hub;
 mod ledger;
 mod neuron;
 mod openai_sdk;

@@ -508,7 +508,10 @@ async fn a_higher_priority_tenant_is_scheduled_first() {
     let srv = Server::start(&["--config", &config, "--max-num-seqs", "1", "--max-queue-wait", "600"]);
     let long =
         json!({"prompt": "Tell me a long story", "max_tokens": 150, "ignore_eos": true, "stream": true});
-    let short = json!({"prompt": "Hi", "max_tokens": 4, "ignore_eos": true, "stream": true});
+    // The queued requests are long enough that one finishing after the
+    // other is many engine steps apart: their records are written by
+    // handler tasks that a loaded machine can delay by a step or two.
+    let short = json!({"prompt": "Hi", "max_tokens": 32, "ignore_eos": true, "stream": true});
     let resp =
         client().post(srv.url("/v1/completions")).bearer_auth("key-low").json(&long).send().await.unwrap();
     let mut running = resp.bytes_stream();
@@ -523,10 +526,10 @@ async fn a_higher_priority_tenant_is_scheduled_first() {
     }
     low.await.unwrap();
     high.await.unwrap();
-    // The server's order, not the client's: each short request's usage
+    // The server's order, not the client's: each queued request's usage
     // record is committed when it ends, so ledger ids follow completion.
     let conn = rusqlite::Connection::open(&srv.ledger).unwrap();
-    let mut stmt = conn.prepare("SELECT tenant FROM usage WHERE completion_tokens = 4 ORDER BY id").unwrap();
+    let mut stmt = conn.prepare("SELECT tenant FROM usage WHERE completion_tokens = 32 ORDER BY id").unwrap();
     let order: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
     assert_eq!(order, ["high", "low"], "the high-priority request, queued later, ran before the low one");
 }

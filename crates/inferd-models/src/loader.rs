@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use crate::catalog::Catalog;
 use crate::chat::ChatTemplate;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -44,17 +43,6 @@ pub struct LoadedModel {
     /// `None` when the model ships no chat template.
     pub chat_template: Option<ChatTemplate>,
     pub path: PathBuf,
-}
-
-/// Turns `--model` into a file or folder: a catalogue name is looked up and
-/// its checksum verified; anything else is taken as a path.
-pub fn resolve(spec: &str, catalog_path: &Path, models_dir: &Path) -> Result<PathBuf> {
-    let as_path = Path::new(spec);
-    if as_path.exists() {
-        return Ok(as_path.to_path_buf());
-    }
-    let catalog = Catalog::load(catalog_path)?;
-    catalog.get(spec)?.verified_path(models_dir)
 }
 
 fn is_hf_dir(path: &Path) -> bool {

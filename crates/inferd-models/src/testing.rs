@@ -1,11 +1,15 @@
 //! Helpers for tests across the workspace: the real default model's path and
 //! tiny random llama weights that tests generate themselves.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use crate::config::LlamaConfig;
+use crate::gguf::{GgufFile, permute_rows_for_gguf};
 use crate::linear::RawWeight;
 use crate::llama::{AttentionBackend, BatchTokens, LayerWeights, Llama, ModelWeights};
 
@@ -139,6 +143,155 @@ pub fn random_weights_on(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Re
         lm_head,
         rope_freq_factors: None,
     })
+}
+
+fn dense(w: &RawWeight) -> Tensor {
+    match w {
+        RawWeight::Dense(t) => t.clone(),
+        RawWeight::Quantized(_) => unreachable!("random weights are dense"),
+    }
+}
+
+fn io_err(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// Writes `w` as a Hugging Face folder: config.json and the weights in
+/// `dtype`, in one model.safetensors or, for `shards > 1`, that many files
+/// with a model.safetensors.index.json.
+pub fn write_hf(dir: &Path, cfg: &LlamaConfig, w: &ModelWeights, dtype: DType, shards: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err)?;
+    let config = serde_json::json!({
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": true,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).map_err(io_err)?;
+    let mut t: Vec<(String, Tensor)> = Vec::new();
+    let mut put = |name: String, x: &Tensor| -> Result<()> {
+        t.push((name, x.to_dtype(dtype)?));
+        Ok(())
+    };
+    put("model.embed_tokens.weight".into(), &dense(&w.embed))?;
+    put("model.norm.weight".into(), &w.norm)?;
+    for (i, l) in w.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        put(format!("{p}.input_layernorm.weight"), &l.attn_norm)?;
+        put(format!("{p}.post_attention_layernorm.weight"), &l.ffn_norm)?;
+        put(format!("{p}.self_attn.q_proj.weight"), &dense(&l.q))?;
+        put(format!("{p}.self_attn.k_proj.weight"), &dense(&l.k))?;
+        put(format!("{p}.self_attn.v_proj.weight"), &dense(&l.v))?;
+        put(format!("{p}.self_attn.o_proj.weight"), &dense(&l.o))?;
+        put(format!("{p}.mlp.gate_proj.weight"), &dense(&l.gate))?;
+        put(format!("{p}.mlp.up_proj.weight"), &dense(&l.up))?;
+        put(format!("{p}.mlp.down_proj.weight"), &dense(&l.down))?;
+    }
+    if shards <= 1 {
+        let all: HashMap<String, Tensor> = t.into_iter().collect();
+        return candle_core::safetensors::save(&all, dir.join("model.safetensors"));
+    }
+    let mut weight_map = serde_json::Map::new();
+    let per = t.len().div_ceil(shards);
+    for (k, part) in t.chunks(per).enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, shards);
+        for (name, _) in part {
+            weight_map.insert(name.clone(), file.clone().into());
+        }
+        let part: HashMap<String, Tensor> = part.iter().cloned().collect();
+        candle_core::safetensors::save(&part, dir.join(&file))?;
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).map_err(io_err)
+}
+
+/// Writes `w` as a GGUF F32 file (Q/K rows permuted as llama.cpp's
+/// converter does), with `extra` metadata (a tokenizer, say).
+pub fn write_gguf(path: &Path, cfg: &LlamaConfig, w: &ModelWeights, extra: &[(String, Value)]) -> Result<()> {
+    let q = |t: &Tensor| QTensor::quantize(t, GgmlDType::F32);
+    let mut tensors: Vec<(String, QTensor)> =
+        vec![("token_embd.weight".into(), q(&dense(&w.embed))?), ("output_norm.weight".into(), q(&w.norm)?)];
+    for (i, l) in w.layers.iter().enumerate() {
+        let p = format!("blk.{i}");
+        tensors.push((format!("{p}.attn_norm.weight"), q(&l.attn_norm)?));
+        tensors.push((format!("{p}.ffn_norm.weight"), q(&l.ffn_norm)?));
+        tensors
+            .push((format!("{p}.attn_q.weight"), q(&permute_rows_for_gguf(&dense(&l.q), cfg.num_heads)?)?));
+        tensors.push((
+            format!("{p}.attn_k.weight"),
+            q(&permute_rows_for_gguf(&dense(&l.k), cfg.num_kv_heads)?)?,
+        ));
+        tensors.push((format!("{p}.attn_v.weight"), q(&dense(&l.v))?));
+        tensors.push((format!("{p}.attn_output.weight"), q(&dense(&l.o))?));
+        tensors.push((format!("{p}.ffn_gate.weight"), q(&dense(&l.gate))?));
+        tensors.push((format!("{p}.ffn_up.weight"), q(&dense(&l.up))?));
+        tensors.push((format!("{p}.ffn_down.weight"), q(&dense(&l.down))?));
+    }
+    let u = |x: usize| Value::U32(x as u32);
+    let mut metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("llama.embedding_length".into(), u(cfg.hidden_size)),
+        ("llama.feed_forward_length".into(), u(cfg.intermediate_size)),
+        ("llama.block_count".into(), u(cfg.num_layers)),
+        ("llama.attention.head_count".into(), u(cfg.num_heads)),
+        ("llama.attention.head_count_kv".into(), u(cfg.num_kv_heads)),
+        ("llama.vocab_size".into(), u(cfg.vocab_size)),
+        ("llama.context_length".into(), u(cfg.max_position_embeddings)),
+        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(cfg.rms_norm_eps as f32)),
+        ("llama.rope.freq_base".into(), Value::F32(cfg.rope_theta)),
+    ];
+    metadata.extend(extra.iter().cloned());
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(io_err)?;
+    let mut f = std::fs::File::create(path).map_err(io_err)?;
+    gguf_file::write(&mut f, &md, &ts)
+}
+
+/// A tiny random llama that inferd can serve: SmolLM2's tokenizer and chat
+/// template (read from the real model) over 2 random layers, written as a
+/// Hugging Face folder (`hf/`, f16, in `shards` safetensors files) and as a
+/// GGUF F32 file (`tiny.gguf`) under `root`; about 6 and 13 MB. Returns
+/// both paths.
+pub fn write_servable_tiny(root: &Path, shards: usize, seed: u64) -> crate::Result<(PathBuf, PathBuf)> {
+    let real = GgufFile::open(&smollm2_path())?;
+    let tokenizer = crate::TextTokenizer::from_gguf(&real.content)?;
+    let cfg =
+        LlamaConfig { vocab_size: tokenizer.vocab_size(), max_position_embeddings: 2048, ..tiny_config() };
+    let weights = random_weights(&cfg, seed)?;
+    let hf = root.join("hf");
+    write_hf(&hf, &cfg, &weights, DType::F16, shards)?;
+    let json = tokenizer.inner().to_string(false).map_err(|e| crate::ModelError::Tokenizer(e.to_string()))?;
+    let io = |path: PathBuf| move |source| crate::ModelError::Io { path, source };
+    std::fs::write(hf.join("tokenizer.json"), json).map_err(io(hf.join("tokenizer.json")))?;
+    let text = |key: &str| real.content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned();
+    let token = |key: &str| {
+        real.content.metadata.get(key).and_then(|v| v.to_u32().ok()).and_then(|id| tokenizer.id_to_token(id))
+    };
+    let tok_cfg = serde_json::json!({
+        "bos_token": token("tokenizer.ggml.bos_token_id"),
+        "eos_token": token("tokenizer.ggml.eos_token_id"),
+        "chat_template": text("tokenizer.chat_template"),
+    });
+    std::fs::write(hf.join("tokenizer_config.json"), tok_cfg.to_string())
+        .map_err(io(hf.join("tokenizer_config.json")))?;
+    let extra: Vec<(String, Value)> = real
+        .content
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let gguf = root.join("tiny.gguf");
+    write_gguf(&gguf, &cfg, &weights, &extra)?;
+    Ok((hf, gguf))
 }
 
 /// Attention over one sequence held contiguously, with candle ops and an

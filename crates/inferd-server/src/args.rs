@@ -22,6 +22,10 @@ pub enum Command {
     /// API keys for the tenants of --config.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The Hugging Face cache and the catalogue: pull, list, verify, remove
+    /// and pin models (HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply).
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// The Neuron stand-in worker: inferd's CPU model behind the Neuron step
     /// protocol, holding each step to what a compiled model allows. Started
     /// by `serve --device neuron --neuron-worker "inferd neuron-standin"` to
@@ -43,6 +47,61 @@ pub enum KeysCommand {
     New,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Download models into the cache: catalogue names or
+    /// org/name[@revision][:file.gguf]; a pinned entry's files are checked.
+    Pull {
+        #[arg(required = true)]
+        models: Vec<String>,
+        #[command(flatten)]
+        catalog: CatalogArgs,
+    },
+    /// The models in the cache, and the catalogue's entries with whether
+    /// they are pinned and downloaded.
+    List {
+        #[command(flatten)]
+        catalog: CatalogArgs,
+    },
+    /// Recompute the sha256 of cached files: against the blob name the Hub
+    /// gave (large files) and against the catalogue's pins. Exits 1 on any
+    /// mismatch.
+    Verify {
+        /// Repositories (org/name[@revision]) or catalogue names; all cached ones when absent.
+        models: Vec<String>,
+        #[command(flatten)]
+        catalog: CatalogArgs,
+    },
+    /// Remove a repository from the cache, or with @revision one snapshot.
+    Rm {
+        #[arg(required = true)]
+        models: Vec<String>,
+    },
+    /// Download a Hub model and print a catalogue entry pinning its commit
+    /// and the sha256 of every file, for review and approval.
+    Pin {
+        /// org/name[@revision][:file.gguf]
+        model: String,
+        /// The entry's name.
+        #[arg(long)]
+        name: String,
+        /// The model's license, as its card states it.
+        #[arg(long)]
+        license: String,
+    },
+}
+
+/// Where the catalogue and its pip-packaged files are.
+#[derive(Debug, Clone, Args)]
+pub struct CatalogArgs {
+    /// The model catalogue.
+    #[arg(long, env = "INFERD_CATALOG", default_value = "models/catalog.toml")]
+    pub catalog: PathBuf,
+    /// Folder of catalogue model files.
+    #[arg(long, env = "INFERD_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+}
+
 /// How hard the ledger's commits wait for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LedgerDurability {
@@ -50,6 +109,18 @@ pub enum LedgerDurability {
     Process,
     /// It survives power loss too (one fsync per commit).
     Full,
+}
+
+impl CatalogArgs {
+    /// The model sources these flags and the Hugging Face variables name.
+    pub fn sources(&self, approved_only: bool) -> inferd_models::Sources {
+        inferd_models::Sources {
+            catalog: self.catalog.clone(),
+            models_dir: self.models_dir.clone(),
+            hub: inferd_models::hub::HubConfig::from_env(),
+            approved_only,
+        }
+    }
 }
 
 /// A dtype flag: a dtype, or `auto` (`None`) for the backend's choice.
@@ -151,7 +222,9 @@ pub fn parse_count(s: &str) -> Result<usize, String> {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Catalogue name (models/catalog.toml) or path to a GGUF file or Hugging Face folder.
+    /// Catalogue name (models/catalog.toml), path to a GGUF file or Hugging
+    /// Face folder, or a Hub repository: org/name[@revision] (safetensors)
+    /// or org/name[@revision]:file.gguf.
     #[arg(long, env = "INFERD_MODEL", default_value = "smollm2-135m-instruct")]
     pub model: String,
     /// Name clients use in `model`; defaults to --model.
@@ -236,12 +309,12 @@ pub struct ServeArgs {
     /// Largest request head (request line and headers) accepted.
     #[arg(long, env = "INFERD_MAX_HEADER_BYTES", default_value = "64KiB", value_parser = parse_bytes)]
     pub max_header_bytes: usize,
-    /// Folder of catalogue model files.
-    #[arg(long, env = "INFERD_MODELS_DIR", default_value = "models")]
-    pub models_dir: PathBuf,
-    /// The model catalogue.
-    #[arg(long, env = "INFERD_CATALOG", default_value = "models/catalog.toml")]
-    pub catalog: PathBuf,
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+    /// Serve only catalogue entries pinned by checksum, and refuse any file
+    /// whose sha256 differs.
+    #[arg(long, env = "INFERD_APPROVED_ONLY")]
+    pub approved_only: bool,
     /// Most sequences waiting to be scheduled; beyond it requests get 503.
     #[arg(long, env = "INFERD_MAX_WAITING_REQUESTS", default_value_t = 256, value_parser = parse_count)]
     pub max_waiting_requests: usize,

@@ -16,6 +16,7 @@ pub mod drain;
 pub mod error;
 pub mod fuzzing;
 pub mod generate;
+pub mod models_cmd;
 pub mod notify;
 pub mod openai;
 pub mod request_id;

@@ -7,11 +7,12 @@ use anyhow::Context;
 use clap::Parser;
 use inferd_engine::{EngineConfig, EngineHandle};
 use inferd_exec::build_executor;
-use inferd_models::{load_text, resolve};
+use inferd_models::load_text;
 use tracing_subscriber::EnvFilter;
 
 use inferd_ledger::{Durability, Ledger};
 use inferd_server::args::{Cli, Command, KeysCommand, LedgerDurability, ServeArgs};
+use inferd_server::models_cmd;
 use inferd_server::state::{AppState, Serving};
 use inferd_server::{admission, clock, conn, cost, drain, routes, state, telemetry, tenants};
 
@@ -41,6 +42,14 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(!key.is_empty(), "the key is empty");
             println!("{}", tenants::hash_key(&key));
             Ok(())
+        }
+        Command::Models(cmd) => {
+            init_tracing("text");
+            let code = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(models_cmd::run(cmd))?;
+            std::process::exit(code);
         }
         Command::NeuronStandin { args } => {
             std::process::exit(inferd_exec::neuron::standin::main_with_args(&args));
@@ -201,13 +210,12 @@ fn init_tracing(format: &str) {
 
 /// Loads the tokenizer here and starts the engine thread, which builds the
 /// backend `--device` names and loads the weights onto it (blocking work).
-fn start_engine(args: &ServeArgs) -> anyhow::Result<Serving> {
+fn start_engine(args: &ServeArgs, path: std::path::PathBuf) -> anyhow::Result<Serving> {
     // Fault injection for tests, debug builds only: a slow model load.
     #[cfg(debug_assertions)]
     if let Some(ms) = std::env::var("INFERD_FAULT_LOAD_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
-    let path = resolve(&args.model, &args.catalog, &args.models_dir)?;
     let started = Instant::now();
     let (tokenizer, chat_template) =
         load_text(&path).with_context(|| format!("loading {}", path.display()))?;
@@ -336,8 +344,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         timeout: std::time::Duration::from_secs_f64(args.drain_timeout.max(0.0)),
     };
     let server = tokio::spawn(conn::serve(listener, app, limits, drain.run(state.clone())));
+    let sources = args.catalog.sources(args.approved_only);
+    let resolved = sources.resolve(&args.model, &state.load_progress).await?;
+    if let Some(entry) = &resolved.entry {
+        tracing::info!(model = %args.model, entry, approved = args.approved_only, "catalogue model verified");
+    }
+    state.load_progress.stage(&args.model, "loading");
     let load_args = args.clone();
-    let serving = tokio::task::spawn_blocking(move || start_engine(&load_args)).await??;
+    let serving = tokio::task::spawn_blocking(move || start_engine(&load_args, resolved.path)).await??;
     let model = serving.model_name.clone();
     telemetry::register_series(&model);
     state.serving.set(serving).map_err(|_| anyhow::anyhow!("model loaded twice"))?;

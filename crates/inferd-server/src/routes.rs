@@ -557,6 +557,9 @@ async fn ready(State(st): State<SharedState>) -> Response {
     };
     let r = std::sync::atomic::Ordering::Relaxed;
     let mut body = json!({"status": status, "uptime_seconds": st.started.elapsed().as_secs()});
+    if status == "loading" {
+        body["progress"] = json!(st.load_progress.snapshot());
+    }
     if let Some(serving) = st.serving.get() {
         let s = serving.engine.stats();
         let total = s.kv_blocks_total.load(r);

@@ -64,6 +64,8 @@ pub struct AppState {
     pub cost: Arc<crate::cost::CostTracker>,
     /// Requests whose usage record is not yet queued for the ledger.
     pub live_meters: Arc<std::sync::atomic::AtomicUsize>,
+    /// How far the model's download and load have got (`/ready` shows it).
+    pub load_progress: Arc<inferd_models::hub::LoadProgress>,
 }
 
 impl Default for AppState {
@@ -86,6 +88,7 @@ impl Default for AppState {
             ledger: None,
             cost: Arc::new(crate::cost::CostTracker::new(None, Duration::from_secs(600))),
             live_meters: Default::default(),
+            load_progress: Default::default(),
         }
     }
 }
