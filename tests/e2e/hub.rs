@@ -567,3 +567,93 @@ async fn ready_reports_download_progress_while_loading() {
     );
     assert!(ready, "the server became ready once the download ended");
 }
+
+fn key_entry(tenant: &str, models: &str) -> String {
+    let sha = sha256(format!("key-{tenant}").as_bytes());
+    format!(
+        "[[tenants]]\nid = \"{tenant}\"\nkeys = [{{ id = \"{tenant}-1\", sha256 = \"{sha}\" }}]\n{models}\n"
+    )
+}
+
+async fn ask(srv: &Server, tenant: &str, model: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(srv.url("/v1/completions"))
+        .bearer_auth(format!("key-{tenant}"))
+        .json(&json!({"model": model, "prompt": "Hello", "max_tokens": 3, "ignore_eos": true}))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_models_serve_side_by_side_and_one_that_fails_harms_none() {
+    let hub = hub_with_models(false).await;
+    let dir = temp_dir("several");
+    let env = hub_env(&hub, &dir.join("hf-home"));
+    let config = dir.join("inferd.toml");
+    let models = "[[models]]\nname = \"tiny\"\nmodel = \"test-org/tiny-gguf:tiny.gguf\"\nkv_cache_memory = \"64MiB\"\n\n\
+                  [[models]]\nname = \"smol\"\nmodel = \"smollm2-135m-instruct\"\n\n\
+                  [[models]]\nname = \"broken\"\nmodel = \"test-org/missing\"\n";
+    let text = format!("{}{}{models}", key_entry("all", ""), key_entry("one", "models = [\"tiny\"]"));
+    std::fs::write(&config, text).unwrap();
+    let srv = start_server(args(&["--config", config.to_str().unwrap()]), env).await;
+    // Requests go to the model they name, and say which answered.
+    for model in ["tiny", "smol", "tiny"] {
+        let (code, body) = ask(&srv, "all", model).await;
+        assert_eq!((code, body["model"].as_str()), (200, Some(model)), "{body}");
+    }
+    let stats: Value = reqwest::get(srv.url("/stats")).await.unwrap().json().await.unwrap();
+    assert_eq!(stats["models"]["tiny"]["generated_tokens"], 6, "{stats}");
+    assert_eq!(stats["models"]["smol"]["generated_tokens"], 3, "{stats}");
+    assert_eq!(stats["generated_tokens"], 9, "the top level sums the models");
+    // The one that failed says why, and only its requests are refused.
+    let (code, body) = ask(&srv, "all", "broken").await;
+    assert_eq!(code, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("failed to load") && message.contains("no such repository"), "{body}");
+    assert_eq!(ask(&srv, "all", "nope").await.0, 404);
+    let ready = reqwest::get(srv.url("/ready")).await.unwrap();
+    assert_eq!(ready.status(), 200, "the instance serves the models that loaded");
+    let ready: Value = ready.json().await.unwrap();
+    let status: Vec<(&str, &str)> = ready["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap(), m["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(status, [("tiny", "ready"), ("smol", "ready"), ("broken", "failed")], "{ready}");
+    // Each tenant sees the models it may use.
+    let list = |tenant: &'static str| {
+        let url = srv.url("/v1/models");
+        async move {
+            let resp =
+                reqwest::Client::new().get(url).bearer_auth(format!("key-{tenant}")).send().await.unwrap();
+            let body: Value = resp.json().await.unwrap();
+            body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(list("all").await, ["tiny", "smol"]);
+    assert_eq!(list("one").await, ["tiny"]);
+    assert_eq!(ask(&srv, "one", "smol").await.0, 404, "a model the tenant may not use does not exist for it");
+    assert_eq!(ask(&srv, "one", "tiny").await.0, 200);
+    // Metrics and usage records carry the model.
+    let metrics = reqwest::get(srv.url("/metrics")).await.unwrap().text().await.unwrap();
+    for line in ["inferd_model_loaded{model=\"broken\"} 0", "inferd_model_loaded{model=\"tiny\"} 1"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+    assert!(
+        metrics.lines().any(|l| l.starts_with("inferd_num_requests_running{model=\"smol\"}")),
+        "{metrics}"
+    );
+    let ledger = rusqlite::Connection::open(&srv.ledger).unwrap();
+    let mut q = ledger.prepare("SELECT model, count(*) FROM usage GROUP BY model ORDER BY model").unwrap();
+    let rows: Vec<(String, i64)> =
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+    assert_eq!(rows, [("smol".to_string(), 1), ("tiny".to_string(), 3)]);
+}

@@ -177,8 +177,11 @@ async fn a_dead_worker_is_replaced_and_a_hardware_error_takes_the_instance_out()
     let answer = chat(&srv).await;
     assert!(!answer.is_empty());
     let metrics = reqwest::get(srv.url("/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("inferd_backend_restarts_total 1"), "{metrics}");
-    assert!(metrics.contains("inferd_backend_up 1"), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("inferd_backend_restarts_total{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(metrics.lines().any(|l| l.starts_with("inferd_backend_up{") && l.ends_with(" 1")), "{metrics}");
     let ledger = rusqlite::Connection::open(&srv.ledger).unwrap();
     let cut_off = |ledger: &rusqlite::Connection| -> i64 {
         ledger
@@ -213,5 +216,5 @@ async fn a_dead_worker_is_replaced_and_a_hardware_error_takes_the_instance_out()
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
     let metrics = reqwest::get(srv.url("/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("inferd_backend_up 0"), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("inferd_backend_up{") && l.ends_with(" 0")), "{metrics}");
 }

@@ -33,7 +33,7 @@ async fn readiness_metrics_and_request_ids() {
     assert!(ready["kv_cache_usage"].is_number());
 
     let (_, before) = get_text(&srv, "/metrics").await;
-    assert_eq!(sample(&before, "inferd_kv_cache_usage_ratio"), 0.0);
+    assert_eq!(sample(&before, "inferd_kv_cache_usage_ratio{model=\"smollm2-135m-instruct\"}"), 0.0);
     // A fresh instance already exports its latency histograms (at 0), so
     // dashboards and alerts have a series before the first request.
     for name in [
@@ -75,9 +75,13 @@ async fn readiness_metrics_and_request_ids() {
     assert_eq!(sample(&after, "inferd_generation_tokens_total"), completion_tokens);
     assert_eq!(sample(&after, "inferd_prompt_tokens_total"), prompt_tokens);
     assert_eq!(sample(&after, "inferd_requests_total{status=\"ok\",finish_reason=\"length\"}"), 3.0);
-    assert_eq!(sample(&after, "inferd_kv_cache_usage_ratio"), 0.0, "KV usage returns to 0");
-    assert_eq!(sample(&after, "inferd_num_requests_running"), 0.0);
-    assert!(sample(&after, "inferd_kv_blocks_total") > 0.0);
+    assert_eq!(
+        sample(&after, "inferd_kv_cache_usage_ratio{model=\"smollm2-135m-instruct\"}"),
+        0.0,
+        "KV usage returns to 0"
+    );
+    assert_eq!(sample(&after, "inferd_num_requests_running{model=\"smollm2-135m-instruct\"}"), 0.0);
+    assert!(sample(&after, "inferd_kv_blocks_total{model=\"smollm2-135m-instruct\"}") > 0.0);
     assert!(sample(&after, "inferd_engine_step_seconds_count") >= completion_tokens / 3.0);
     assert!(after.contains("# HELP inferd_time_to_first_token_seconds"));
 

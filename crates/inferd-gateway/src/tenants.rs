@@ -44,6 +44,24 @@ pub enum ConfigError {
 pub struct ConfigFile {
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// The models to serve (`[[models]]`), when not given by `--model`;
+    /// read at start only, not on reload.
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+}
+
+/// One `[[models]]` entry: a model with its own engine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// What `--model` takes: a catalogue name, a path or a Hub repository.
+    pub model: String,
+    /// The name clients send in `model`; defaults to `model`.
+    pub name: Option<String>,
+    /// This model's KV cache budget (`--kv-cache-memory` when absent).
+    pub kv_cache_memory: Option<String>,
+    /// This model's most concurrent sequences (`--max-num-seqs` when absent).
+    pub max_num_seqs: Option<usize>,
 }
 
 /// One `[[tenants]]` entry.
@@ -375,9 +393,13 @@ keys = [{ id = "ops-1", sha256 = "HASH2" }]
     #[test]
     fn the_readme_sample_config_is_valid() {
         let readme = include_str!("../../../README.md");
-        let start = readme.find("```toml\n").expect("README has a TOML sample") + 8;
-        let len = readme[start..].find("```").expect("the sample ends");
-        let mut text = readme[start..start + len].to_string();
+        let mut text = readme
+            .split("```toml\n")
+            .skip(1)
+            .filter_map(|block| block.split("```").next())
+            .find(|block| block.contains("[[tenants]]"))
+            .expect("README has a TOML sample of tenants")
+            .to_string();
         let mut n = 0;
         while let Some(at) = text.find("\"<") {
             let end = at + text[at..].find(">\"").expect("placeholder closes") + 2;

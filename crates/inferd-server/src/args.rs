@@ -111,6 +111,76 @@ pub enum LedgerDurability {
     Full,
 }
 
+/// The default model when neither --model nor [[models]] names one.
+pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+/// One model to serve, with its own engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelPlan {
+    /// The name clients send.
+    pub name: String,
+    /// What to load: a catalogue name, a path or a Hub repository.
+    pub source: String,
+    pub kv_cache_memory: usize,
+    pub max_num_seqs: usize,
+}
+
+impl ServeArgs {
+    /// The models to serve: every --model (named by --served-model-name in
+    /// order), else the config's [[models]], else the default model.
+    pub fn model_plans(
+        &self,
+        config: &[inferd_gateway::tenants::ModelEntry],
+    ) -> Result<Vec<ModelPlan>, String> {
+        let plan = |name: &str, source: &str| ModelPlan {
+            name: name.into(),
+            source: source.into(),
+            kv_cache_memory: self.kv_cache_memory,
+            max_num_seqs: self.max_num_seqs,
+        };
+        let plans: Vec<ModelPlan> = if !self.models.is_empty() {
+            if !config.is_empty() {
+                return Err("models are given both by --model and by [[models]] in --config; use one".into());
+            }
+            let names = &self.served_model_names;
+            if !names.is_empty() && names.len() != self.models.len() {
+                return Err(format!(
+                    "{} --served-model-name for {} --model; give one per model, in order",
+                    names.len(),
+                    self.models.len()
+                ));
+            }
+            self.models.iter().enumerate().map(|(i, m)| plan(names.get(i).unwrap_or(m), m)).collect()
+        } else if !config.is_empty() {
+            if !self.served_model_names.is_empty() {
+                return Err("--served-model-name names --model; [[models]] entries take `name`".into());
+            }
+            let mut plans = Vec::new();
+            for e in config {
+                let mut p = plan(e.name.as_deref().unwrap_or(&e.model), &e.model);
+                if let Some(kv) = &e.kv_cache_memory {
+                    p.kv_cache_memory = parse_bytes(kv)
+                        .map_err(|why| format!("[[models]] {}: kv_cache_memory: {why}", p.name))?;
+                }
+                if let Some(n) = e.max_num_seqs {
+                    p.max_num_seqs = parse_count(&n.to_string())
+                        .map_err(|why| format!("[[models]] {}: max_num_seqs: {why}", p.name))?;
+                }
+                plans.push(p);
+            }
+            plans
+        } else {
+            vec![plan(self.served_model_names.first().map_or(DEFAULT_MODEL, String::as_str), DEFAULT_MODEL)]
+        };
+        for (i, p) in plans.iter().enumerate() {
+            if plans[..i].iter().any(|q| q.name == p.name) {
+                return Err(format!("two models are served as {:?}; name them apart", p.name));
+            }
+        }
+        Ok(plans)
+    }
+}
+
 impl CatalogArgs {
     /// The model sources these flags and the Hugging Face variables name.
     pub fn sources(&self, approved_only: bool) -> inferd_models::Sources {
@@ -224,12 +294,14 @@ pub fn parse_count(s: &str) -> Result<usize, String> {
 pub struct ServeArgs {
     /// Catalogue name (models/catalog.toml), path to a GGUF file or Hugging
     /// Face folder, or a Hub repository: org/name[@revision] (safetensors)
-    /// or org/name[@revision]:file.gguf.
-    #[arg(long, env = "INFERD_MODEL", default_value = "smollm2-135m-instruct")]
-    pub model: String,
-    /// Name clients use in `model`; defaults to --model.
-    #[arg(long, env = "INFERD_SERVED_MODEL_NAME")]
-    pub served_model_name: Option<String>,
+    /// or org/name[@revision]:file.gguf. Repeat it (or list models in the
+    /// config's [[models]]) to serve several, each with its own engine.
+    /// Default: smollm2-135m-instruct.
+    #[arg(long = "model", env = "INFERD_MODEL", value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Name clients use in `model`, one per --model in order; defaults to --model.
+    #[arg(long = "served-model-name", env = "INFERD_SERVED_MODEL_NAME", value_delimiter = ',')]
+    pub served_model_names: Vec<String>,
     #[arg(long, env = "INFERD_HOST", default_value = "127.0.0.1")]
     pub host: String,
     /// 0 picks a free port (printed on the ready line).
@@ -442,6 +514,43 @@ mod tests {
         assert!(bad.to_string().contains("(0, 1]"), "{bad}");
         let bad = Cli::try_parse_from(["inferd", "serve", "--device", "tpu"]).unwrap_err();
         assert!(bad.to_string().contains("unknown device"), "{bad}");
+    }
+
+    fn serve(flags: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(["inferd", "serve"].iter().chain(flags)).unwrap();
+        let Command::Serve(args) = cli.command else { panic!("serve") };
+        *args
+    }
+
+    #[test]
+    fn models_come_from_flags_or_the_config_never_both() {
+        let plans = serve(&[]).model_plans(&[]).unwrap();
+        assert_eq!((plans.len(), plans[0].name.as_str()), (1, DEFAULT_MODEL));
+        let args = serve(&["--model", "a.gguf", "--model", "org/b", "--served-model-name", "a,b"]);
+        let plans = args.model_plans(&[]).unwrap();
+        let names: Vec<(&str, &str)> = plans.iter().map(|p| (p.name.as_str(), p.source.as_str())).collect();
+        assert_eq!(names, [("a", "a.gguf"), ("b", "org/b")]);
+        let err = serve(&["--model", "x", "--model", "y", "--served-model-name", "z"])
+            .model_plans(&[])
+            .unwrap_err();
+        assert!(err.contains("one per model"), "{err}");
+        let err = serve(&["--model", "x", "--model", "x"]).model_plans(&[]).unwrap_err();
+        assert!(err.contains("name them apart"), "{err}");
+        let entries: inferd_gateway::tenants::ConfigFile = toml::from_str(
+            "[[models]]\nmodel = \"org/m\"\nname = \"m\"\nkv_cache_memory = \"64MiB\"\n[[models]]\nmodel = \"n.gguf\"\nmax_num_seqs = 4\n",
+        )
+        .unwrap();
+        let plans = serve(&["--kv-cache-memory", "1GiB"]).model_plans(&entries.models).unwrap();
+        assert_eq!(
+            (plans[0].name.as_str(), plans[0].kv_cache_memory, plans[0].max_num_seqs),
+            ("m", 64 << 20, 64)
+        );
+        assert_eq!(
+            (plans[1].name.as_str(), plans[1].kv_cache_memory, plans[1].max_num_seqs),
+            ("n.gguf", 1 << 30, 4)
+        );
+        let err = serve(&["--model", "x"]).model_plans(&entries.models).unwrap_err();
+        assert!(err.contains("both"), "{err}");
     }
 
     #[test]

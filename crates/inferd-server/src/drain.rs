@@ -44,7 +44,7 @@ async fn signal() {
 }
 
 fn open_requests(state: &AppState) -> usize {
-    state.serving.get().map_or(0, |s| s.open_choices.load(Ordering::Acquire))
+    state.loaded().map(|s| s.open_choices.load(Ordering::Acquire)).sum()
 }
 
 impl Drain {
@@ -67,8 +67,8 @@ impl Drain {
         while open_requests(&state) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if let Some(serving) = state.serving.get() {
-            // Cuts off whatever still runs with a final shutdown event.
+        // Cuts off whatever still runs with a final shutdown event.
+        for serving in state.loaded() {
             serving.engine.shutdown();
         }
         // Give cut-off streams a moment to write their last event.

@@ -11,9 +11,9 @@ use inferd_models::load_text;
 use tracing_subscriber::EnvFilter;
 
 use inferd_ledger::{Durability, Ledger};
-use inferd_server::args::{Cli, Command, KeysCommand, LedgerDurability, ServeArgs};
+use inferd_server::args::{Cli, Command, KeysCommand, LedgerDurability, ModelPlan, ServeArgs};
 use inferd_server::models_cmd;
-use inferd_server::state::{AppState, Serving};
+use inferd_server::state::{AppState, ModelSlot, Serving};
 use inferd_server::{admission, clock, conn, cost, drain, routes, state, telemetry, tenants};
 
 fn main() -> anyhow::Result<()> {
@@ -180,19 +180,21 @@ fn open_accounts(args: &ServeArgs) -> anyhow::Result<(Arc<Ledger>, tenants::Tena
     Ok((ledger, tenants))
 }
 
-/// Refreshes the cost estimate every few seconds.
+/// Refreshes each model's cost estimate every few seconds.
 async fn sample_costs(st: Arc<AppState>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
         tick.tick().await;
-        let Some(serving) = st.serving.get() else { continue };
-        let busy = serving.engine.stats().busy_micros.load(std::sync::atomic::Ordering::Relaxed);
-        if let Some((throughput, per_million)) = st.cost.sample(busy) {
-            let model = serving.model_name.to_string();
-            metrics::gauge!(inferd_gateway::metrics::COST_THROUGHPUT, "model" => model.clone())
-                .set(throughput);
-            if let Some(c) = per_million {
-                metrics::gauge!(inferd_gateway::metrics::COST_PER_MILLION_TOKENS, "model" => model).set(c);
+        for serving in st.loaded() {
+            let busy = serving.engine.stats().busy_micros.load(std::sync::atomic::Ordering::Relaxed);
+            if let Some((throughput, per_million)) = serving.cost.sample(busy) {
+                let model = serving.model_name.to_string();
+                metrics::gauge!(inferd_gateway::metrics::COST_THROUGHPUT, "model" => model.clone())
+                    .set(throughput);
+                if let Some(c) = per_million {
+                    metrics::gauge!(inferd_gateway::metrics::COST_PER_MILLION_TOKENS, "model" => model)
+                        .set(c);
+                }
             }
         }
     }
@@ -210,7 +212,7 @@ fn init_tracing(format: &str) {
 
 /// Loads the tokenizer here and starts the engine thread, which builds the
 /// backend `--device` names and loads the weights onto it (blocking work).
-fn start_engine(args: &ServeArgs, path: std::path::PathBuf) -> anyhow::Result<Serving> {
+fn start_engine(args: &ServeArgs, plan: &ModelPlan, path: std::path::PathBuf) -> anyhow::Result<Serving> {
     // Fault injection for tests, debug builds only: a slow model load.
     #[cfg(debug_assertions)]
     if let Some(ms) = std::env::var("INFERD_FAULT_LOAD_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
@@ -219,6 +221,8 @@ fn start_engine(args: &ServeArgs, path: std::path::PathBuf) -> anyhow::Result<Se
     let started = Instant::now();
     let (tokenizer, chat_template) =
         load_text(&path).with_context(|| format!("loading {}", path.display()))?;
+    let args =
+        &ServeArgs { kv_cache_memory: plan.kv_cache_memory, max_num_seqs: plan.max_num_seqs, ..args.clone() };
     let engine_cfg = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -232,7 +236,8 @@ fn start_engine(args: &ServeArgs, path: std::path::PathBuf) -> anyhow::Result<Se
             .with_context(|| format!("starting the {} backend with {}", args.device, path.display()))?;
     let caps = engine.capabilities().clone();
     tracing::info!(
-        model = %path.display(),
+        model = %plan.name,
+        path = %path.display(),
         device = %caps.device,
         dtype = %caps.compute_dtype,
         kv_dtype = %caps.kv_dtype,
@@ -244,7 +249,7 @@ fn start_engine(args: &ServeArgs, path: std::path::PathBuf) -> anyhow::Result<Se
     );
     Ok(Serving {
         engine,
-        model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()).into(),
+        model_name: plan.name.as_str().into(),
         max_model_len: caps.max_model_len,
         vocab_size: caps.vocab_size,
         kv_capacity_tokens: caps.kv_capacity_tokens(),
@@ -256,6 +261,10 @@ fn start_engine(args: &ServeArgs, path: std::path::PathBuf) -> anyhow::Result<Se
             .map(|&t| t.min(args.max_num_batched_tokens)),
         open_choices: Default::default(),
         grammars: grammars_for(&tokenizer, caps.vocab_size),
+        cost: Arc::new(cost::CostTracker::new(
+            args.instance_hourly_cost,
+            std::time::Duration::from_secs_f64(args.cost_window.max(1.0)),
+        )),
         tokenizer: Arc::new(tokenizer),
         chat_template,
     })
@@ -278,6 +287,48 @@ fn grammars_for(
     built
 }
 
+/// Resolves (downloading if need be), verifies and loads one model.
+async fn load_model(args: &ServeArgs, plan: &ModelPlan, slot: &ModelSlot) -> anyhow::Result<Serving> {
+    let sources = args.catalog.sources(args.approved_only);
+    let resolved = sources.resolve(&plan.source, &slot.progress).await?;
+    if let Some(entry) = &resolved.entry {
+        tracing::info!(model = %plan.name, entry, approved = args.approved_only, "catalogue model verified");
+    }
+    slot.progress.stage(&plan.source, "loading");
+    let (args, plan2) = (args.clone(), plan.clone());
+    tokio::task::spawn_blocking(move || start_engine(&args, &plan2, resolved.path)).await?
+}
+
+/// Loads every model at once. One that fails is reported (log, `/ready`,
+/// `inferd_model_loaded` 0, 503 to its requests) and the others serve;
+/// with none loaded, the first failure ends the process.
+async fn load_models(state: &Arc<AppState>, args: &ServeArgs, plans: Vec<ModelPlan>) -> anyhow::Result<()> {
+    let loads = plans.iter().zip(&state.models).map(|(plan, slot)| async move {
+        let loaded = load_model(args, plan, slot).await;
+        let name = plan.name.clone();
+        match loaded {
+            Ok(serving) => {
+                telemetry::register_series(&name);
+                metrics::gauge!(telemetry::MODEL_LOADED, "model" => name).set(1.0);
+                let _ = slot.serving.set(serving);
+                None
+            }
+            Err(e) => {
+                tracing::error!(model = %name, source = %plan.source, "the model failed to load: {e:#}");
+                metrics::gauge!(telemetry::MODEL_LOADED, "model" => name).set(0.0);
+                let _ = slot.failed.set(format!("{e:#}"));
+                Some(e)
+            }
+        }
+    });
+    let failures: Vec<anyhow::Error> =
+        futures_util::future::join_all(loads).await.into_iter().flatten().collect();
+    match failures.into_iter().next() {
+        Some(first) if state.loaded().next().is_none() => Err(first),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a backend this build lacks before anything starts.
 fn check_device(args: &ServeArgs) -> anyhow::Result<()> {
     inferd_exec::check_backend(args.device)?;
@@ -297,6 +348,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
+    let config_models = match &args.config {
+        Some(path) => tenants::ConfigFile::load(path)?.models,
+        None => Vec::new(),
+    };
+    let plans = args.model_plans(&config_models).map_err(anyhow::Error::msg)?;
     let (ledger, tenants) = {
         let args = args.clone();
         tokio::task::spawn_blocking(move || open_accounts(&args)).await??
@@ -320,10 +376,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         tenants: std::sync::RwLock::new(Arc::new(tenants)),
         ledger: Some(ledger.clone()),
-        cost: Arc::new(cost::CostTracker::new(
-            args.instance_hourly_cost,
-            std::time::Duration::from_secs_f64(args.cost_window.max(1.0)),
-        )),
+        models: plans.iter().map(|p| ModelSlot::new(&p.name)).collect(),
         metrics: Some(telemetry::install()?),
         stall_timeout: std::time::Duration::from_secs_f64(args.engine_stall_timeout),
         sse_keepalive: std::time::Duration::from_secs_f64(args.sse_keepalive.max(0.1)),
@@ -344,19 +397,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         timeout: std::time::Duration::from_secs_f64(args.drain_timeout.max(0.0)),
     };
     let server = tokio::spawn(conn::serve(listener, app, limits, drain.run(state.clone())));
-    let sources = args.catalog.sources(args.approved_only);
-    let resolved = sources.resolve(&args.model, &state.load_progress).await?;
-    if let Some(entry) = &resolved.entry {
-        tracing::info!(model = %args.model, entry, approved = args.approved_only, "catalogue model verified");
-    }
-    state.load_progress.stage(&args.model, "loading");
-    let load_args = args.clone();
-    let serving = tokio::task::spawn_blocking(move || start_engine(&load_args, resolved.path)).await??;
-    let model = serving.model_name.clone();
-    telemetry::register_series(&model);
-    state.serving.set(serving).map_err(|_| anyhow::anyhow!("model loaded twice"))?;
+    load_models(&state, &args, plans).await?;
     state.set_phase(state::Phase::Ready);
-    // Under systemd (Type=notify): the model is loaded and warm.
+    let names: Vec<&str> = state.loaded().map(|s| &*s.model_name).collect();
+    let model = names.join(", ");
+    // Under systemd (Type=notify): the models are loaded and warm.
     inferd_server::notify::notify(&format!("READY=1\nSTATUS=serving {model} on {addr}"));
     // The ready line: tests and scripts read the bound address from it.
     println!("inferd listening on http://{addr} (model {model})");
@@ -365,7 +410,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     tokio::spawn(sample_costs(state.clone()));
     server.await??;
-    if let Some(s) = state.serving.get() {
+    for s in state.loaded() {
         s.engine.shutdown();
     }
     // Let requests cut off by the shutdown queue their usage records, then

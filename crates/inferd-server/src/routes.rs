@@ -82,8 +82,9 @@ async fn openapi(State(st): State<SharedState>) -> Response {
     static DOC: std::sync::LazyLock<Value> =
         std::sync::LazyLock::new(|| serde_json::from_str(OPENAPI).expect("openapi.json is JSON"));
     let mut doc = DOC.clone();
-    if let Some(serving) = st.serving.get() {
-        doc["components"]["schemas"]["ModelName"]["enum"] = json!([&*serving.model_name]);
+    if !st.models.is_empty() {
+        let names: Vec<&str> = st.models.iter().map(|m| &*m.name).collect();
+        doc["components"]["schemas"]["ModelName"]["enum"] = json!(names);
     }
     Json(doc).into_response()
 }
@@ -141,8 +142,7 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     let Json(req) = body?;
-    let serving = st.serving()?;
-    serving.check_model(req.model.as_deref(), &caller)?;
+    let serving = st.serving_for(req.model.as_deref(), &caller)?;
     let kept_prompt = caller.tenant.log_prompts.then(|| match &req.prompt {
         Prompt::Text(s) => s.clone(),
         Prompt::Texts(v) => serde_json::to_string(v).unwrap_or_default(),
@@ -187,8 +187,8 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     let Json(req) = body?;
-    let serving = st.serving()?;
-    serving.check_model(req.model.as_deref(), &caller)?;
+    let serving = st.serving_for(req.model.as_deref(), &caller)?;
+    let name = serving.model_name.clone();
     let kept_prompt = if caller.tenant.log_prompts {
         let lines: Result<Vec<String>, ApiError> = req
             .messages
@@ -224,7 +224,7 @@ async fn chat_completions(
     let messages = req.messages.clone();
     let shown = tools.clone();
     let prompt = blocking(move || {
-        let serving = st2.serving()?;
+        let serving = st2.loaded_named(&name)?;
         let text = crate::chat::render(serving, &messages, true, shown.as_deref())?;
         serving.tokenizer.encode(&text).map_err(|e| ApiError::invalid(e.to_string(), "messages"))
     })
@@ -423,7 +423,7 @@ async fn run(
         ctx.arrival,
         ticket,
         st.ledger.clone(),
-        st.cost.clone(),
+        serving.cost.clone(),
         busy_micros(&serving.engine),
         st.live_meters.clone(),
     );
@@ -473,20 +473,22 @@ async fn models(
     State(st): State<SharedState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
-    let serving = st.serving()?;
-    if !caller.tenant.may_use(&serving.model_name) {
-        return Ok(Json(json!({"object": "list", "data": []})));
-    }
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{
-            "id": &*serving.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "inferd",
-            "max_model_len": serving.max_model_len,
-        }],
-    })))
+    let data: Vec<Value> = st
+        .models
+        .iter()
+        .filter(|m| caller.tenant.may_use(&m.name))
+        .filter_map(|m| m.serving.get())
+        .map(|serving| {
+            json!({
+                "id": &*serving.model_name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "inferd",
+                "max_model_len": serving.max_model_len,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 async fn tokenize(
@@ -495,14 +497,14 @@ async fn tokenize(
     body: Result<Json<TokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(req) = body?;
-    let serving = st.serving()?;
     let model = match &req {
         TokenizeRequest::Chat { model, .. } | TokenizeRequest::Prompt { model, .. } => model.clone(),
     };
-    serving.check_model(model.as_deref(), &caller)?;
+    let serving = st.serving_for(model.as_deref(), &caller)?;
+    let name = serving.model_name.clone();
     let st2 = st.clone();
     let tokens = blocking(move || {
-        let serving = st2.serving()?;
+        let serving = st2.loaded_named(&name)?;
         let text = match req {
             TokenizeRequest::Chat { messages, add_generation_prompt, .. } => {
                 crate::chat::render(serving, &messages, add_generation_prompt, None)?
@@ -521,8 +523,7 @@ async fn detokenize(
     body: Result<Json<DetokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(req) = body?;
-    let serving = st.serving()?;
-    serving.check_model(req.model.as_deref(), &caller)?;
+    let serving = st.serving_for(req.model.as_deref(), &caller)?;
     let ids: Vec<u32> = req
         .tokens
         .iter()
@@ -557,19 +558,35 @@ async fn ready(State(st): State<SharedState>) -> Response {
     };
     let r = std::sync::atomic::Ordering::Relaxed;
     let mut body = json!({"status": status, "uptime_seconds": st.started.elapsed().as_secs()});
-    if status == "loading" {
-        body["progress"] = json!(st.load_progress.snapshot());
+    let mut models = Vec::new();
+    for slot in &st.models {
+        let mut m = json!({"name": &*slot.name, "status": slot.status()});
+        match (slot.serving.get(), slot.failed.get()) {
+            (Some(serving), _) => {
+                let s = serving.engine.stats();
+                let total = s.kv_blocks_total.load(r);
+                m["running"] = json!(s.num_running.load(r));
+                m["waiting"] = json!(s.num_waiting.load(r));
+                m["kv_cache_usage"] =
+                    json!(if total == 0 { 0.0 } else { s.kv_blocks_used() as f64 / total as f64 });
+                m["backend"] = crate::state::backend_json(&s.backend());
+            }
+            (None, Some(why)) => m["reason"] = json!(why),
+            (None, None) => m["progress"] = json!(slot.progress.snapshot()),
+        }
+        models.push(m);
     }
-    if let Some(serving) = st.serving.get() {
-        let s = serving.engine.stats();
-        let total = s.kv_blocks_total.load(r);
-        body["model"] = json!(&*serving.model_name);
-        body["running"] = json!(s.num_running.load(r));
-        body["waiting"] = json!(s.num_waiting.load(r));
-        body["kv_cache_usage"] =
-            json!(if total == 0 { 0.0 } else { s.kv_blocks_used() as f64 / total as f64 });
-        body["backend"] = crate::state::backend_json(&s.backend());
+    // The first model's figures at the top, as with one model.
+    if let Some(first) = models.iter().find(|m| m["status"] == "ready") {
+        body["model"] = first["name"].clone();
+        for key in ["running", "waiting", "kv_cache_usage", "backend"] {
+            body[key] = first[key].clone();
+        }
     }
+    if let Some(loading) = models.iter().find(|m| m["status"] == "loading") {
+        body["progress"] = loading["progress"].clone();
+    }
+    body["models"] = json!(models);
     if let Some(ledger) = &st.ledger {
         let failing = ledger.stats().failing.load(r);
         body["ledger"] = json!(if failing { "failing" } else { "ok" });
@@ -584,7 +601,7 @@ async fn metrics_text(State(st): State<SharedState>) -> Response {
         Some(handle) => {
             let text = crate::telemetry::render(
                 handle,
-                st.serving.get().map(|s| s.engine.stats()),
+                &st.loaded().map(|s| (&*s.model_name, s.engine.stats())).collect::<Vec<_>>(),
                 st.ledger.as_deref().map(|l| l.stats()),
             );
             ([("content-type", "text/plain; version=0.0.4")], text).into_response()
@@ -597,12 +614,12 @@ async fn metrics_text(State(st): State<SharedState>) -> Response {
     }
 }
 
-async fn stats(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
-    let serving = st.serving()?;
+/// One model's engine, for /stats.
+fn engine_json(serving: &Serving) -> Value {
     let s = serving.engine.stats();
     let caps = serving.engine.capabilities();
     let r = std::sync::atomic::Ordering::Relaxed;
-    Ok(Json(json!({
+    json!({
         "backend": {
             "device": caps.device.to_string(),
             "compute_dtype": caps.compute_dtype.as_str(),
@@ -623,13 +640,35 @@ async fn stats(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
         "prefix_cache_hit_tokens": s.prefix_hit_tokens.load(r),
         "engine_steps": s.steps.load(r),
         "generated_tokens": s.generated_tokens.load(r),
-        // What a client disconnect must give back: requests whose usage
-        // record is not yet queued, choices a client still waits on, and
-        // the async tasks alive in the runtime.
-        "open_requests": st.live_meters.load(r),
         "open_choices": serving.open_choices.load(r),
-        "runtime_alive_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
-    })))
+    })
+}
+
+/// The engines' state: every count summed over the models, the first
+/// model's backend, and each model's own under `models`.
+async fn stats(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    let engines: Vec<(String, Value)> =
+        st.loaded().map(|s| (s.model_name.to_string(), engine_json(s))).collect();
+    let Some((_, first)) = engines.first() else {
+        return Err(ApiError::Unavailable {
+            message: "The model is still loading.".into(),
+            retry_after_secs: 5,
+        });
+    };
+    let mut body = first.clone();
+    for (key, value) in body.as_object_mut().into_iter().flatten() {
+        if value.is_u64() {
+            *value = json!(engines.iter().filter_map(|(_, e)| e[key.as_str()].as_u64()).sum::<u64>());
+        }
+    }
+    // What a client disconnect must give back: requests whose usage record
+    // is not yet queued, choices a client still waits on (above), and the
+    // async tasks alive in the runtime.
+    let r = std::sync::atomic::Ordering::Relaxed;
+    body["open_requests"] = json!(st.live_meters.load(r));
+    body["runtime_alive_tasks"] = json!(tokio::runtime::Handle::current().metrics().num_alive_tasks());
+    body["models"] = Value::Object(engines.into_iter().collect());
+    Ok(Json(body))
 }
 
 #[cfg(test)]

@@ -29,6 +29,39 @@ pub struct Serving {
     /// Structured output's grammars for this model's vocabulary, or why
     /// there are none (a tokenizer llguidance cannot read).
     pub grammars: Result<Arc<inferd_grammar::Grammars>, String>,
+    /// The price of this model's tokens.
+    pub cost: Arc<crate::cost::CostTracker>,
+}
+
+/// One model of the instance: loading, loaded, or failed with a reason.
+#[derive(Debug)]
+pub struct ModelSlot {
+    /// The name clients send.
+    pub name: Arc<str>,
+    pub serving: OnceLock<Serving>,
+    pub failed: OnceLock<String>,
+    /// How far its download and load have got.
+    pub progress: Arc<inferd_models::hub::LoadProgress>,
+}
+
+impl ModelSlot {
+    pub fn new(name: &str) -> Self {
+        ModelSlot {
+            name: name.into(),
+            serving: OnceLock::new(),
+            failed: OnceLock::new(),
+            progress: Default::default(),
+        }
+    }
+
+    /// `ready`, `loading` or `failed`.
+    pub fn status(&self) -> &'static str {
+        match (self.serving.get(), self.failed.get()) {
+            (Some(_), _) => "ready",
+            (None, Some(_)) => "failed",
+            (None, None) => "loading",
+        }
+    }
 }
 
 /// Where the process is in its life, as readiness reports it.
@@ -44,7 +77,9 @@ pub enum Phase {
 /// is filled in once loading finishes.
 #[derive(Debug)]
 pub struct AppState {
-    pub serving: OnceLock<Serving>,
+    /// The models, in the order they were given; the first is the default
+    /// for a request that names none.
+    pub models: Vec<ModelSlot>,
     pub phase: AtomicU8,
     pub started: Instant,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -61,17 +96,14 @@ pub struct AppState {
     pub tenants: std::sync::RwLock<Arc<crate::tenants::Tenants>>,
     /// The usage ledger (absent only in unit tests).
     pub ledger: Option<Arc<inferd_ledger::Ledger>>,
-    pub cost: Arc<crate::cost::CostTracker>,
     /// Requests whose usage record is not yet queued for the ledger.
     pub live_meters: Arc<std::sync::atomic::AtomicUsize>,
-    /// How far the model's download and load have got (`/ready` shows it).
-    pub load_progress: Arc<inferd_models::hub::LoadProgress>,
 }
 
 impl Default for AppState {
     fn default() -> Self {
         AppState {
-            serving: OnceLock::new(),
+            models: Vec::new(),
             phase: AtomicU8::new(Phase::Loading as u8),
             started: Instant::now(),
             metrics: None,
@@ -86,9 +118,7 @@ impl Default for AppState {
                     .expect("the open configuration is valid"),
             )),
             ledger: None,
-            cost: Arc::new(crate::cost::CostTracker::new(None, Duration::from_secs(600))),
             live_meters: Default::default(),
-            load_progress: Default::default(),
         }
     }
 }
@@ -117,23 +147,37 @@ impl AppState {
         self.phase.store(phase as u8, Ordering::Relaxed);
     }
 
-    /// Why the engine is unhealthy, if it is: stopped, its backend failed
+    /// The models loaded so far.
+    pub fn loaded(&self) -> impl Iterator<Item = &Serving> {
+        self.models.iter().filter_map(|m| m.serving.get())
+    }
+
+    /// A loaded model by the name clients use (already checked for the
+    /// caller), for work moved to another thread.
+    pub fn loaded_named(&self, name: &str) -> Result<&Serving, ApiError> {
+        self.loaded()
+            .find(|s| &*s.model_name == name)
+            .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
+    }
+
+    /// Why an engine is unhealthy, if one is: stopped, its backend failed
     /// (a hardware error) or restarting (its worker died or hung), or busy
     /// without a finished step for longer than the stall timeout.
     pub fn engine_problem(&self) -> Option<&'static str> {
-        let serving = self.serving.get()?;
-        if serving.engine.stats().stopped.load(Ordering::Relaxed) {
-            return Some("engine_stopped");
-        }
-        match serving.engine.stats().backend().health {
-            BackendHealth::Up => {}
-            BackendHealth::Restarting { .. } => return Some("backend_restarting"),
-            BackendHealth::Failed { .. } => return Some("backend_failed"),
-        }
-        match serving.engine.stalled_for() {
-            Some(d) if d > self.stall_timeout => Some("stalled"),
-            _ => None,
-        }
+        self.loaded().find_map(|serving| {
+            if serving.engine.stats().stopped.load(Ordering::Relaxed) {
+                return Some("engine_stopped");
+            }
+            match serving.engine.stats().backend().health {
+                BackendHealth::Up => {}
+                BackendHealth::Restarting { .. } => return Some("backend_restarting"),
+                BackendHealth::Failed { .. } => return Some("backend_failed"),
+            }
+            match serving.engine.stalled_for() {
+                Some(d) if d > self.stall_timeout => Some("stalled"),
+                _ => None,
+            }
+        })
     }
 
     /// Refuses new work with 503 while the ledger's backlog is full (its
@@ -151,11 +195,35 @@ impl AppState {
         }
     }
 
-    /// The loaded model, or 503 while loading.
-    pub fn serving(&self) -> Result<&Serving, ApiError> {
-        self.serving.get().ok_or_else(|| ApiError::Unavailable {
-            message: "The model is still loading.".into(),
-            retry_after_secs: 5,
+    /// The model a request names (the first model when it names none),
+    /// if the caller may use it: 404 for a model this instance does not
+    /// serve to the caller, 503 while it loads or when it failed to.
+    pub fn serving_for(&self, requested: Option<&str>, caller: &Caller) -> Result<&Serving, ApiError> {
+        if self.models.is_empty() {
+            return Err(ApiError::Unavailable {
+                message: "The model is still loading.".into(),
+                retry_after_secs: 5,
+            });
+        }
+        let slot = match requested {
+            Some(m) => self.models.iter().find(|s| &*s.name == m),
+            None => self.models.first(),
+        };
+        let not_found = || ApiError::ModelNotFound(requested.unwrap_or_default().to_string());
+        let slot = match slot {
+            Some(s) if caller.tenant.may_use(&s.name) => s,
+            Some(s) if requested.is_none() => return Err(ApiError::ModelNotFound(s.name.to_string())),
+            _ => return Err(not_found()),
+        };
+        if let Some(serving) = slot.serving.get() {
+            return Ok(serving);
+        }
+        Err(ApiError::Unavailable {
+            message: match slot.failed.get() {
+                Some(why) => format!("The model {} failed to load on this instance: {why}", slot.name),
+                None => format!("The model {} is still loading.", slot.name),
+            },
+            retry_after_secs: if slot.failed.get().is_some() { 60 } else { 5 },
         })
     }
 }
@@ -183,18 +251,6 @@ impl Serving {
                 message: "This instance's accelerator failed and it is being taken out of service; retry on another instance.".into(),
                 retry_after_secs: 60,
             }),
-        }
-    }
-
-    /// Refuses a request naming another model, or a model the tenant may
-    /// not use.
-    pub fn check_model(&self, requested: Option<&str>, caller: &Caller) -> Result<(), ApiError> {
-        match requested {
-            Some(m) if m != &*self.model_name => Err(ApiError::ModelNotFound(m.to_string())),
-            _ if !caller.tenant.may_use(&self.model_name) => {
-                Err(ApiError::ModelNotFound(requested.unwrap_or(&self.model_name).to_string()))
-            }
-            _ => Ok(()),
         }
     }
 }

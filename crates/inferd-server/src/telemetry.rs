@@ -13,6 +13,9 @@ use inferd_gateway::metrics as g;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Installs the global Prometheus recorder with inferd's buckets.
+/// 1 for each model that loaded, 0 for one that failed to.
+pub const MODEL_LOADED: &str = "inferd_model_loaded";
+
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let mut builder = PrometheusBuilder::new();
     for name in [
@@ -29,6 +32,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = builder.install_recorder()?;
     m::describe();
     g::describe();
+    metrics::describe_gauge!(
+        MODEL_LOADED,
+        "1 when the model is loaded and serving, 0 when it failed to load."
+    );
     Ok(handle)
 }
 
@@ -53,7 +60,7 @@ pub fn register_series(model: &str) {
 /// renders the exposition text.
 pub fn render(
     handle: &PrometheusHandle,
-    stats: Option<&EngineStats>,
+    engines: &[(&str, &EngineStats)],
     ledger: Option<&inferd_ledger::LedgerStats>,
 ) -> String {
     if let Some(l) = ledger {
@@ -66,21 +73,22 @@ pub fn render(
         metrics::gauge!(g::LEDGER_FAILING).set(if l.failing.load(r) { 1.0 } else { 0.0 });
         metrics::counter!(g::LEDGER_LOST_TOTAL).absolute(l.lost.load(r));
     }
-    if let Some(s) = stats {
+    for &(model, s) in engines {
         let r = Ordering::Relaxed;
         let total = s.kv_blocks_total.load(r);
-        metrics::gauge!(m::NUM_REQUESTS_RUNNING).set(s.num_running.load(r) as f64);
-        metrics::gauge!(m::NUM_REQUESTS_WAITING).set(s.num_waiting.load(r) as f64);
-        metrics::gauge!(m::KV_BLOCKS_TOTAL).set(total as f64);
-        metrics::gauge!(m::KV_BLOCKS_FREE).set(s.kv_blocks_free.load(r) as f64);
+        let label = || ("model", model.to_string());
+        metrics::gauge!(m::NUM_REQUESTS_RUNNING, &[label()]).set(s.num_running.load(r) as f64);
+        metrics::gauge!(m::NUM_REQUESTS_WAITING, &[label()]).set(s.num_waiting.load(r) as f64);
+        metrics::gauge!(m::KV_BLOCKS_TOTAL, &[label()]).set(total as f64);
+        metrics::gauge!(m::KV_BLOCKS_FREE, &[label()]).set(s.kv_blocks_free.load(r) as f64);
         let ratio = if total == 0 { 0.0 } else { s.kv_blocks_used() as f64 / total as f64 };
-        metrics::gauge!(m::KV_CACHE_USAGE_RATIO).set(ratio);
-        metrics::counter!(m::PREEMPTIONS_TOTAL).absolute(s.num_preemptions.load(r));
-        metrics::counter!(m::BACKEND_RESTARTS_TOTAL).absolute(s.backend_restarts.load(r));
+        metrics::gauge!(m::KV_CACHE_USAGE_RATIO, &[label()]).set(ratio);
+        metrics::counter!(m::PREEMPTIONS_TOTAL, &[label()]).absolute(s.num_preemptions.load(r));
+        metrics::counter!(m::BACKEND_RESTARTS_TOTAL, &[label()]).absolute(s.backend_restarts.load(r));
         let up = s.backend().health == inferd_engine::BackendHealth::Up;
-        metrics::gauge!(m::BACKEND_UP).set(if up { 1.0 } else { 0.0 });
-        metrics::counter!(m::PREFIX_CACHE_QUERIES_TOTAL).absolute(s.prefix_query_tokens.load(r));
-        metrics::counter!(m::PREFIX_CACHE_HITS_TOTAL).absolute(s.prefix_hit_tokens.load(r));
+        metrics::gauge!(m::BACKEND_UP, &[label()]).set(if up { 1.0 } else { 0.0 });
+        metrics::counter!(m::PREFIX_CACHE_QUERIES_TOTAL, &[label()]).absolute(s.prefix_query_tokens.load(r));
+        metrics::counter!(m::PREFIX_CACHE_HITS_TOTAL, &[label()]).absolute(s.prefix_hit_tokens.load(r));
     }
     handle.render()
 }
