@@ -117,16 +117,11 @@ impl CatalogEntry {
         if let Some(bad) = self.sha256.iter().chain(self.files.values()).find(|s| !is_sha256(s)) {
             return Err(format!("{bad:?} is not a hex sha256"));
         }
-        match &self.source {
-            ModelSource::HuggingFace { repo, revision, file } => {
-                let spec = HubSpec { repo: repo.clone(), revision: revision.clone(), file: file.clone() };
-                if HubSpec::parse(&spec.to_string()).as_ref() != Some(&spec) {
-                    return Err(format!("{spec} is not an org/name[@revision][:file] of the Hub"));
-                }
+        match self.hub_spec() {
+            Some(spec) if HubSpec::parse(&spec.to_string()).as_ref() != Some(&spec) => {
+                return Err(format!("{spec} is not an org/name[@revision][:file] of the Hub"));
             }
-            ModelSource::Pip { .. } | ModelSource::Path { .. } if self.file.is_none() => {
-                return Err("a pip or path entry names its `file`".into());
-            }
+            None if self.file.is_none() => return Err("a pip or path entry names its `file`".into()),
             _ => {}
         }
         Ok(())

@@ -173,6 +173,16 @@ pub struct Fetched {
     pub path: PathBuf,
 }
 
+impl Fetched {
+    fn new(spec: &HubSpec, commit: String, dir: PathBuf, files: Vec<String>) -> Self {
+        let path = match &spec.file {
+            Some(f) => dir.join(f),
+            None => dir.clone(),
+        };
+        Fetched { commit, dir, files, path }
+    }
+}
+
 /// How far loading has got, for `/ready` and the logs.
 #[derive(Debug, Default)]
 pub struct LoadProgress {
@@ -482,11 +492,7 @@ fn download(
         std::fs::create_dir_all(refs.parent().unwrap_or(&refs)).map_err(io)?;
         std::fs::write(&refs, &commit).map_err(io)?;
     }
-    let path = match &spec.file {
-        Some(f) => dir.join(f),
-        None => dir.clone(),
-    };
-    Ok(Fetched { commit, dir, files, path })
+    Ok(Fetched::new(spec, commit, dir, files))
 }
 
 /// The cached snapshot `spec` names, if every file it needs is there.
@@ -500,11 +506,7 @@ fn from_cache(spec: &HubSpec, cfg: &HubConfig, pinned: Option<&[String]>) -> Opt
     };
     let complete = files.iter().all(|f| dir.join(f).is_file())
         && (spec.file.is_some() || dir.join("config.json").is_file());
-    let path = match &spec.file {
-        Some(f) => dir.join(f),
-        None => dir.clone(),
-    };
-    complete.then_some(Fetched { commit, dir, files, path })
+    complete.then(|| Fetched::new(spec, commit, dir, files))
 }
 
 /// Every file of a snapshot folder, as paths relative to it, sorted.
