@@ -48,6 +48,10 @@ pub struct EngineConfig {
     /// Upper bound on a sequence's length; the executor may lower it.
     pub max_model_len: usize,
     pub enable_prefix_caching: bool,
+    /// Step-time target while sequences decode: prefill chunks beside them
+    /// are sized from the measured cost of past steps (see
+    /// `inferd_sched::SchedulerConfig::max_step`). `None`: no target.
+    pub max_step: Option<std::time::Duration>,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +61,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 512,
             max_model_len: 2048,
             enable_prefix_caching: true,
+            max_step: None,
         }
     }
 }
@@ -178,6 +183,7 @@ impl<E: ModelExecutor> EngineCore<E> {
                 .shape_buckets
                 .as_ref()
                 .map_or(StepPolicy::Mixed, |b| StepPolicy::Compiled(input::sched_buckets(b))),
+            max_step: cfg.max_step,
         };
         Ok(EngineCore {
             scheduler: Scheduler::new(sched_cfg)?,
@@ -295,6 +301,7 @@ impl<E: ModelExecutor> EngineCore<E> {
         if self.health != BackendHealth::Up {
             return Ok(lost);
         }
+        let started = std::time::Instant::now();
         let out = self.scheduler.schedule();
         self.last_step_tokens = out.num_scheduled_tokens;
         self.retired.extend_from_slice(&out.finished_ids);
@@ -323,6 +330,8 @@ impl<E: ModelExecutor> EngineCore<E> {
         };
         let tokens: Vec<Option<TokenId>> = sampled.iter().map(|s| s.as_ref().map(|s| s.token)).collect();
         self.advance_constraints(&out, &tokens);
+        // What the step cost, for the scheduler's step-time model.
+        self.scheduler.observe_step(&out, started.elapsed());
         let updates = self.scheduler.update(&out, &tokens)?;
         if !self.constraints.is_empty() {
             let scheduler = &self.scheduler;
@@ -426,20 +435,32 @@ impl<E: ModelExecutor> EngineCore<E> {
         error_outputs(ended, &message)
     }
 
-    /// Runs one short request through every stage before serving, so the
+    /// Runs a short request through every stage before serving, so the
     /// first client does not pay for thread-pool start-up and first-touch
-    /// page faults (about 0.7 s on our 2-core CPU machine).
+    /// page faults (about 0.7 s on our 2-core CPU machine). Under a
+    /// step-time target a second, longer one follows, so the step-time
+    /// model starts from four measured steps of different sizes rather
+    /// than from none.
     pub fn warm_up(&mut self) -> Result<(), EngineError> {
-        let max_len = self.scheduler.config().max_model_len;
+        let cfg = self.scheduler.config();
+        let max_len = cfg.max_model_len;
         if max_len < 4 {
             return Ok(());
         }
-        let len = 32.min(max_len - 3);
+        let longest = (max_len - 3).min(cfg.token_budget());
         let vocab = self.caps.vocab_size as TokenId;
         let params = SamplingParams { temperature: 0.0, max_tokens: 2, ..Default::default() };
-        let prompt = (1..=len as TokenId).map(|t| t % vocab).collect();
-        self.add(SequenceRequest::new(RequestId(0), prompt, params))?;
-        self.run_to_completion()?;
+        // Ids no client gets (theirs count up from 1), each used once: the
+        // backend hears of the first one's end with the second's input.
+        let mut warm = vec![(0, 32.min(longest))];
+        if cfg.max_step.is_some() && cfg.policy == StepPolicy::Mixed {
+            warm.push((u64::MAX, 128.min(longest)));
+        }
+        for (id, len) in warm {
+            let prompt = (1..=len as TokenId).map(|t| t % vocab).collect();
+            self.add(SequenceRequest::new(RequestId(id), prompt, params.clone()))?;
+            self.run_to_completion()?;
+        }
         Ok(())
     }
 

@@ -27,6 +27,7 @@ pub const REQUESTS_TOTAL: &str = "inferd_requests_total";
 /// Label `reason`.
 pub const REQUESTS_REJECTED_TOTAL: &str = "inferd_requests_rejected_total";
 pub const PREEMPTIONS_TOTAL: &str = "inferd_preemptions_total";
+pub const CAPPED_STEPS_TOTAL: &str = "inferd_prefill_capped_steps_total";
 pub const PANICS_TOTAL: &str = "inferd_panics_total";
 pub const BACKEND_RESTARTS_TOTAL: &str = "inferd_backend_restarts_total";
 /// 1 while the backend runs steps, 0 while it restarts or after it failed.
@@ -68,6 +69,10 @@ pub fn describe() {
     describe_counter!(REQUESTS_TOTAL, "Finished sequences by status and finish reason.");
     describe_counter!(REQUESTS_REJECTED_TOTAL, "Requests refused before running, by reason.");
     describe_counter!(PREEMPTIONS_TOTAL, "Sequences preempted by recompute.");
+    describe_counter!(
+        CAPPED_STEPS_TOTAL,
+        "Steps whose prefill chunk was cut to keep decoding sequences within --max-step-ms."
+    );
     describe_counter!(
         BACKEND_RESTARTS_TOTAL,
         "Times the backend (the Neuron step worker) was restarted after it died or hung."

@@ -46,6 +46,8 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicU64,
     pub kv_blocks_free: AtomicU64,
     pub num_preemptions: AtomicU64,
+    /// Steps whose prefill was cut short to keep within the step-time target.
+    pub num_capped_steps: AtomicU64,
     pub prefix_query_tokens: AtomicU64,
     pub prefix_hit_tokens: AtomicU64,
     pub steps: AtomicU64,
@@ -55,6 +57,10 @@ pub struct EngineStats {
     pub last_step_ms: AtomicU64,
     /// Microseconds spent in steps (the engine's busy time).
     pub busy_micros: AtomicU64,
+    /// Microseconds the engine thread spent between consecutive steps while
+    /// work was queued: taking commands, delivering tokens, publishing
+    /// counters. Serving overhead that no step computes.
+    pub between_steps_micros: AtomicU64,
     /// Set while the engine has work queued or running.
     pub busy: AtomicBool,
     /// Set when the engine thread has exited.
@@ -82,6 +88,7 @@ impl EngineStats {
         self.kv_blocks_total.store(s.kv.num_blocks as u64, r);
         self.kv_blocks_free.store(s.kv.free as u64, r);
         self.num_preemptions.store(s.num_preemptions, r);
+        self.num_capped_steps.store(s.num_capped_steps, r);
         self.prefix_query_tokens.store(s.kv.prefix_query_tokens, r);
         self.prefix_hit_tokens.store(s.kv.prefix_hit_tokens, r);
         self.busy.store(s.num_running + s.num_waiting > 0, r);
@@ -186,6 +193,7 @@ impl EngineHandle {
                     streams: HashMap::new(),
                     started,
                     next_restart: None,
+                    last_step_end: None,
                 }
                 .run();
             })
@@ -274,6 +282,8 @@ struct EngineLoop<E> {
     /// While the backend is restarting: when to try next, and the wait
     /// after that one if it fails.
     next_restart: Option<(Instant, Duration)>,
+    /// When the last step ended, if work was left after it.
+    last_step_end: Option<Instant>,
 }
 
 impl<E: ModelExecutor> EngineLoop<E> {
@@ -416,6 +426,10 @@ impl<E: ModelExecutor> EngineLoop<E> {
         #[cfg(debug_assertions)]
         fault::stall();
         let started = Instant::now();
+        if let Some(end) = self.last_step_end {
+            let gap = started.saturating_duration_since(end).as_micros() as u64;
+            self.stats.between_steps_micros.fetch_add(gap, Ordering::Relaxed);
+        }
         let outputs = match self.core.step() {
             Ok(o) => o,
             Err(e) => self.fail_all(&e),
@@ -434,6 +448,7 @@ impl<E: ModelExecutor> EngineLoop<E> {
         for o in outputs {
             self.deliver(o);
         }
+        self.last_step_end = self.core.has_work().then_some(started + took);
     }
 
     /// A scheduler error is a bug, not input: end every sequence cleanly.

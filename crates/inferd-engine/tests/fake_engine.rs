@@ -22,7 +22,7 @@ const EOS: TokenId = 1;
 const DEADLINE: Duration = Duration::from_secs(20);
 
 fn config(max_num_seqs: usize, max_num_batched_tokens: usize) -> EngineConfig {
-    EngineConfig { max_num_seqs, max_num_batched_tokens, max_model_len: 256, enable_prefix_caching: true }
+    EngineConfig { max_num_seqs, max_num_batched_tokens, max_model_len: 256, ..Default::default() }
 }
 
 fn prompt(len: usize, salt: u32) -> Vec<TokenId> {
@@ -528,4 +528,50 @@ fn a_constrained_sequence_samples_only_what_its_grammar_allows_across_preemption
     for id in [1, 3] {
         assert_eq!(tokens_of(&outputs, id), fake_generate(&prompt(8, id as u32), 20, VOCAB), "seq {id}");
     }
+}
+
+/// Under a step-time target the engine times its steps, and a long prompt
+/// that arrives while others decode is prefilled in chunks that keep their
+/// steps short; without one it takes the whole budget. The fake sleeps 2 ms
+/// a step and 0.2 ms a token, so a 510-token chunk would take about 100 ms.
+#[test]
+fn a_step_time_target_keeps_a_long_prompt_from_stalling_decodes() {
+    let mut chunks = Vec::new();
+    for max_step in [None, Some(Duration::from_millis(30))] {
+        let exec = FakeExecutor::new(BLOCK, 1024, VOCAB, 2048);
+        let control = exec.control();
+        control.set_delay(Duration::from_millis(2));
+        control.delay_per_token_us.store(200, std::sync::atomic::Ordering::SeqCst);
+        let log = exec.log();
+        let cfg =
+            EngineConfig { max_num_batched_tokens: 512, max_model_len: 2048, max_step, ..config(8, 512) };
+        let mut core = EngineCore::new(exec, &cfg, vec![EOS]).unwrap();
+        core.add(request(1, prompt(8, 1), greedy(200))).unwrap();
+        core.add(request(2, prompt(8, 2), greedy(200))).unwrap();
+        for _ in 0..6 {
+            core.step().unwrap();
+        }
+        let before = lock(&log).steps.len();
+        core.add(request(3, prompt(1000, 3), greedy(2))).unwrap();
+        let mut prefilled = 0;
+        while prefilled < 1000 {
+            let outs = core.step().unwrap();
+            let step = lock(&log).steps.last().cloned().unwrap();
+            let decoded = outs.iter().filter(|o| o.id.0 <= 2 && o.sampled.is_some()).count();
+            assert_eq!(decoded, 2, "both decodes ran");
+            prefilled += step.num_tokens - 2;
+        }
+        let sizes: Vec<usize> = lock(&log).steps[before..].iter().map(|s| s.num_tokens - 2).collect();
+        chunks.push((sizes, core.stats().num_capped_steps));
+    }
+    let (uncapped, none_capped) = &chunks[0];
+    assert_eq!(uncapped[0], 510, "no target: the budget less the two decodes");
+    assert_eq!(*none_capped, 0);
+    let (capped, num_capped) = &chunks[1];
+    // About 130 tokens fit 30 ms; noise on a shared machine only makes
+    // steps look slower, so chunks come out smaller, never larger.
+    let least = inferd_sched::MIN_PREFILL_CHUNK;
+    assert!(capped.iter().all(|&n| (least..=400).contains(&n)), "{capped:?}");
+    assert!(capped.len() > uncapped.len(), "{capped:?} vs {uncapped:?}");
+    assert!(*num_capped >= 2, "{num_capped}");
 }

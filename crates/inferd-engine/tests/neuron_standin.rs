@@ -87,12 +87,7 @@ fn prompt(len: usize, salt: u32) -> Vec<TokenId> {
 }
 
 fn engine_config() -> EngineConfig {
-    EngineConfig {
-        max_num_seqs: 8,
-        max_num_batched_tokens: 128,
-        max_model_len: 512,
-        enable_prefix_caching: true,
-    }
+    EngineConfig { max_num_seqs: 8, max_num_batched_tokens: 128, max_model_len: 512, ..Default::default() }
 }
 
 /// Every request's tokens after running `reqs` to completion on `core`.

@@ -59,6 +59,9 @@ pub struct FakeControl {
     pub fail_next: AtomicBool,
     /// Sleep this many milliseconds in every step.
     pub delay_ms: AtomicU64,
+    /// And this many microseconds more per token of the step, so a step
+    /// costs what its size says, as a real model's does.
+    pub delay_per_token_us: AtomicU64,
     /// Fail the next step (once) as a worker that died: every slot and
     /// sequence is forgotten, as a restarted worker would have them.
     pub lose_next: AtomicBool,
@@ -247,9 +250,11 @@ impl ModelExecutor for FakeExecutor {
             finished: input.finished.clone(),
             ok: !fail,
         });
-        let delay = self.control.delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
+        let delay = Duration::from_millis(self.control.delay_ms.load(Ordering::SeqCst))
+            + Duration::from_micros(self.control.delay_per_token_us.load(Ordering::SeqCst))
+                * input.num_tokens() as u32;
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
         }
         if let Err(e) = input.validate(self.caps.block_size, self.caps.num_blocks) {
             return Err(self.violation(e));

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use inferd_core::TokenId;
 
 use crate::SchedError;
@@ -71,6 +73,11 @@ pub struct SchedulerConfig {
     pub eos_token_ids: Vec<TokenId>,
     /// How steps are shaped: mixed, or compiled shapes only.
     pub policy: StepPolicy,
+    /// Mixed policy: while sequences decode, prefill chunks are sized so
+    /// that a step is predicted to take at most this long (a cost model
+    /// fitted to the steps the engine reports). A step with nothing
+    /// decoding prefills at the full token budget. `None`: no time limit.
+    pub max_step: Option<Duration>,
 }
 
 impl Default for SchedulerConfig {
@@ -84,6 +91,7 @@ impl Default for SchedulerConfig {
             enable_prefix_caching: true,
             eos_token_ids: Vec::new(),
             policy: StepPolicy::Mixed,
+            max_step: None,
         }
     }
 }
@@ -102,6 +110,9 @@ impl SchedulerConfig {
             if v == 0 {
                 return bad(format!("{name} must be positive"));
             }
+        }
+        if self.max_step.is_some_and(|d| d.is_zero()) {
+            return bad("max_step must be positive (None for no limit)".into());
         }
         if let StepPolicy::Compiled(b) = &self.policy {
             for (name, list) in [("batch_sizes", &b.batch_sizes), ("token_counts", &b.token_counts)] {
@@ -122,7 +133,7 @@ impl SchedulerConfig {
     }
 
     /// The step's token budget, within the largest compiled token count.
-    pub(crate) fn token_budget(&self) -> usize {
+    pub fn token_budget(&self) -> usize {
         self.buckets()
             .map_or(self.max_num_batched_tokens, |b| b.max_tokens().min(self.max_num_batched_tokens))
     }

@@ -5,6 +5,9 @@
 //! preempts the most recently admitted sequence by recompute. Backends that
 //! run only compiled shapes get [`StepPolicy::Compiled`] instead: whole
 //! prefills or decodes, padded to a bucket, KV reserved up front.
+//! Under a step-time target (`max_step`), prefill chunks that share a step
+//! with decoding sequences are sized by a cost model fitted to the engine's
+//! measured steps, so a long prompt cannot stall every stream.
 //!
 //! The scheduler knows tokens, blocks and budgets, never a tensor.
 
@@ -13,10 +16,12 @@ mod error;
 mod output;
 mod scheduler;
 mod sequence;
+mod step_cost;
 mod waiting;
 
 pub use config::{SchedulerConfig, ShapeBuckets, StepPolicy};
 pub use error::SchedError;
 pub use output::{NewSeq, PaddedShape, RunningSeq, SchedulerOutput, SeqUpdate};
-pub use scheduler::{Scheduler, SchedulerStats};
+pub use scheduler::{MIN_PREFILL_CHUNK, Scheduler, SchedulerStats};
 pub use sequence::{SeqStatus, Sequence, SequenceRequest};
+pub use step_cost::{StepCostModel, StepShape};

@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::time::Duration;
 
 use inferd_core::{FinishReason, RequestId, TokenId};
 use inferd_kv::{BlockPool, PoolStats, blocks_for};
@@ -7,8 +8,25 @@ use inferd_kv::{BlockPool, PoolStats, blocks_for};
 use crate::waiting::WaitingQueue;
 use crate::{
     NewSeq, PaddedShape, RunningSeq, SchedError, SchedulerConfig, SchedulerOutput, SeqStatus, SeqUpdate,
-    Sequence, SequenceRequest, StepPolicy,
+    Sequence, SequenceRequest, StepCostModel, StepPolicy, StepShape,
 };
+
+/// Prefill tokens a step gets under a step-time target even when the
+/// decodes alone fill it, so a waiting prompt always progresses: one KV
+/// block. (32 was measured to hold steps beside seven decodes at 1,000
+/// tokens of context to about 200 ms on our 2-core CPU, over a 150 ms target.)
+pub const MIN_PREFILL_CHUNK: usize = 16;
+
+/// The prefill allowance of the step being planned under a step-time target.
+#[derive(Debug)]
+struct StepCap {
+    target_ms: f64,
+    /// The decodes of the step and the prefill chunks planned so far.
+    planned: StepShape,
+    prefilled: usize,
+    /// Some prefill got fewer tokens than the budget would have given it.
+    cut: bool,
+}
 
 /// Request ids are already unique integers: mix them once instead of SipHash.
 #[derive(Default)]
@@ -36,6 +54,8 @@ pub struct SchedulerStats {
     pub num_running: usize,
     pub num_waiting: usize,
     pub num_preemptions: u64,
+    /// Steps whose prefill was cut short to keep within the step-time target.
+    pub num_capped_steps: u64,
     pub kv: PoolStats,
 }
 
@@ -51,6 +71,10 @@ pub struct Scheduler {
     finished_since_last_step: Vec<RequestId>,
     next_arrival_seq: u64,
     num_preemptions: u64,
+    /// Step time as measured by the engine, for `max_step`.
+    cost: StepCostModel,
+    /// Steps whose prefill was cut short to keep within `max_step`.
+    num_capped_steps: u64,
 }
 
 impl Scheduler {
@@ -66,6 +90,8 @@ impl Scheduler {
             finished_since_last_step: Vec::new(),
             next_arrival_seq: 0,
             num_preemptions: 0,
+            cost: StepCostModel::default(),
+            num_capped_steps: 0,
         })
     }
 
@@ -88,8 +114,20 @@ impl Scheduler {
             num_running: self.running.len(),
             num_waiting: self.waiting.len(),
             num_preemptions: self.num_preemptions,
+            num_capped_steps: self.num_capped_steps,
             kv: self.pool.stats(),
         }
+    }
+
+    /// Reports how long a planned step took to run, for the step-time
+    /// cost model (see [`SchedulerConfig::max_step`]).
+    pub fn observe_step(&mut self, out: &SchedulerOutput, took: Duration) {
+        self.cost.observe(StepShape::of(out), took);
+    }
+
+    /// The fitted step-time model.
+    pub fn cost_model(&self) -> &StepCostModel {
+        &self.cost
     }
 
     /// Queues a new sequence. Refuses one that could never run: an empty
@@ -174,15 +212,19 @@ impl Scheduler {
         let mut budget = self.config.token_budget();
         match &self.config.policy {
             StepPolicy::Mixed => {
-                self.schedule_running(&mut budget, &mut out);
+                let mut cap = self.step_cap();
+                self.schedule_running(&mut budget, &mut out, &mut cap);
                 if out.preempted_ids.is_empty() {
-                    self.schedule_waiting(&mut budget, &mut out, false);
+                    self.schedule_waiting(&mut budget, &mut out, false, &mut cap);
+                }
+                if cap.is_some_and(|c| c.cut) {
+                    self.num_capped_steps += 1;
                 }
             }
             StepPolicy::Compiled(_) => {
-                self.schedule_waiting(&mut budget, &mut out, true);
+                self.schedule_waiting(&mut budget, &mut out, true, &mut None);
                 if out.new_seqs.is_empty() {
-                    self.schedule_running(&mut budget, &mut out);
+                    self.schedule_running(&mut budget, &mut out, &mut None);
                 }
             }
         }
@@ -196,12 +238,56 @@ impl Scheduler {
         out
     }
 
-    fn schedule_running(&mut self, budget: &mut usize, out: &mut SchedulerOutput) {
+    /// The step-time allowance of this step: only under `max_step`, only
+    /// when some sequence decodes (a step of prompts alone prefills at the
+    /// full budget), and only once the cost model can predict.
+    fn step_cap(&self) -> Option<StepCap> {
+        let target = self.config.max_step?;
+        let planned = self
+            .running
+            .iter()
+            .map(|id| &self.seqs[id])
+            .filter(|s| s.num_uncomputed() <= 1)
+            .fold(StepShape::default(), |acc, s| acc + StepShape::chunk(s.num_computed_tokens, 1));
+        if planned.seqs == 0 {
+            return None;
+        }
+        self.cost.predict_ms(planned)?;
+        Some(StepCap { target_ms: target.as_secs_f64() * 1e3, planned, prefilled: 0, cut: false })
+    }
+
+    /// How many of `wanted` prefill tokens after `computed` cached ones fit
+    /// the step's time allowance (all of them without one). The first
+    /// prefill of a step gets at least [`MIN_PREFILL_CHUNK`] tokens.
+    fn prefill_chunk(&self, cap: &mut Option<StepCap>, computed: usize, wanted: usize) -> usize {
+        match cap {
+            Some(c) if wanted > 1 => {
+                let mut n = self.cost.max_chunk(c.planned, computed, wanted, c.target_ms).unwrap_or(wanted);
+                if c.prefilled == 0 {
+                    n = n.max(MIN_PREFILL_CHUNK.min(wanted));
+                }
+                c.cut |= n < wanted;
+                n
+            }
+            _ => wanted,
+        }
+    }
+
+    fn schedule_running(&mut self, budget: &mut usize, out: &mut SchedulerOutput, cap: &mut Option<StepCap>) {
         let mut i = 0;
         while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
             let seq = &self.seqs[&id];
-            let num_new = seq.num_uncomputed().min(*budget);
+            let (computed, uncomputed) = (seq.num_computed_tokens, seq.num_uncomputed());
+            let num_new = self.prefill_chunk(cap, computed, uncomputed.min(*budget));
+            if num_new == 0 {
+                i += 1;
+                continue;
+            }
+            if let Some(c) = cap.as_mut().filter(|_| uncomputed > 1) {
+                c.planned = c.planned + StepShape::chunk(computed, num_new);
+                c.prefilled += num_new;
+            }
             let target = seq.num_computed_tokens + num_new;
             // Make room by preempting from the back until this one fits.
             loop {
@@ -242,7 +328,13 @@ impl Scheduler {
     /// (compiled): only a whole remaining prompt, with blocks reserved for
     /// everything the sequence can ever hold, so decode never needs one
     /// that is not there.
-    fn schedule_waiting(&mut self, budget: &mut usize, out: &mut SchedulerOutput, whole: bool) {
+    fn schedule_waiting(
+        &mut self,
+        budget: &mut usize,
+        out: &mut SchedulerOutput,
+        whole: bool,
+        cap: &mut Option<StepCap>,
+    ) {
         let seq_limit = self.config.seq_limit();
         while *budget > 0 && self.running.len() < seq_limit {
             let Some(id) = self.waiting.front() else { break };
@@ -254,13 +346,15 @@ impl Scheduler {
                 hit = self.pool.match_prefix(table, &tokens[..tokens.len() - 1]);
                 seq.num_computed_tokens = hit;
             }
+            let (computed, uncomputed) = (seq.num_computed_tokens, seq.num_uncomputed());
             let (num_new, reserve) = if whole {
-                (seq.num_uncomputed(), seq.prompt().len() + seq.params.max_tokens as usize - 1)
+                (uncomputed, seq.prompt().len() + seq.params.max_tokens as usize - 1)
             } else {
-                let n = seq.num_uncomputed().min(*budget);
-                (n, seq.num_computed_tokens + n)
+                let n = self.prefill_chunk(cap, computed, uncomputed.min(*budget));
+                (n, computed + n)
             };
-            if num_new > *budget || self.pool.grow(&mut seq.block_table, reserve).is_err() {
+            let seq = self.seqs.get_mut(&id).expect("waiting ids are in the map");
+            if num_new == 0 || num_new > *budget || self.pool.grow(&mut seq.block_table, reserve).is_err() {
                 self.pool.release(&mut seq.block_table);
                 seq.num_computed_tokens = 0;
                 break;
@@ -279,6 +373,10 @@ impl Scheduler {
             });
             self.running.push(id);
             *budget -= num_new;
+            if let Some(c) = cap.as_mut() {
+                c.planned = c.planned + StepShape::chunk(computed, num_new);
+                c.prefilled += num_new;
+            }
         }
     }
 

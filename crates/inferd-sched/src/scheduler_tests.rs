@@ -1,8 +1,10 @@
+use std::time::Duration;
+
 use inferd_core::{FinishReason, RequestId, SamplingParams, TokenId};
 
 use crate::{
-    NewSeq, SchedError, Scheduler, SchedulerConfig, SchedulerOutput, SeqUpdate, SequenceRequest,
-    ShapeBuckets, StepPolicy,
+    MIN_PREFILL_CHUNK, NewSeq, SchedError, Scheduler, SchedulerConfig, SchedulerOutput, SeqUpdate,
+    SequenceRequest, ShapeBuckets, StepPolicy, StepShape,
 };
 
 const EOS: TokenId = 2;
@@ -17,6 +19,7 @@ fn config() -> SchedulerConfig {
         enable_prefix_caching: true,
         eos_token_ids: vec![EOS],
         policy: StepPolicy::Mixed,
+        max_step: None,
     }
 }
 
@@ -393,4 +396,115 @@ fn a_lost_backend_ends_running_sequences_keeps_waiting_ones_and_forgets_prefixes
     assert_eq!(stats.kv.free, stats.kv.num_blocks, "every block is free");
     let (out, _) = step(&mut s, 7);
     assert_eq!(out.new_seqs[0].num_computed_tokens, 0, "no prefix hit on KV that is gone");
+}
+
+/// A simulated machine: 5 ms a step, 2 ms a token, 0.3 ms a sequence and
+/// 0.2 µs per attended (query, key) pair (about SmolLM2's ratio of
+/// attention to matmul work).
+fn machine_ms(shape: StepShape) -> f64 {
+    5.0 + 2.0 * shape.tokens as f64 + 0.3 * shape.seqs as f64 + 2e-4 * shape.attention
+}
+
+/// Runs one step and reports its simulated time to the scheduler.
+fn timed_step(s: &mut Scheduler) -> (SchedulerOutput, f64) {
+    let out = s.schedule();
+    let ms = machine_ms(StepShape::of(&out));
+    s.observe_step(&out, Duration::from_secs_f64(ms / 1e3));
+    let sampled = vec![Some(7); out.num_seqs()];
+    s.update(&out, &sampled).unwrap();
+    (out, ms)
+}
+
+fn timed_config(max_step_ms: u64) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs: 16,
+        max_num_batched_tokens: 512,
+        max_model_len: 4096,
+        block_size: 16,
+        num_blocks: 1024,
+        max_step: Some(Duration::from_millis(max_step_ms)),
+        ..config()
+    }
+}
+
+/// Tokens scheduled for `id` this step.
+fn scheduled(out: &SchedulerOutput, id: u64) -> usize {
+    out.batch().find(|&(i, _)| i == RequestId(id)).map_or(0, |(_, n)| n)
+}
+
+#[test]
+fn a_step_time_target_cuts_prefill_beside_decodes_but_not_a_lone_prompt() {
+    let mut s = Scheduler::new(timed_config(100)).unwrap();
+    // A lone long prompt prefills at the full budget: nothing decodes.
+    s.add(req(1, prompt(1200, 0), params(300))).unwrap();
+    let (out, _) = timed_step(&mut s);
+    assert_eq!(scheduled(&out, 1), 512);
+    let (out, _) = timed_step(&mut s);
+    assert_eq!(scheduled(&out, 1), 512, "still nothing decoding");
+    let (out, _) = timed_step(&mut s);
+    assert_eq!(scheduled(&out, 1), 176, "the rest of the prompt");
+    // Now it decodes; a few more short prompts join it and decode too.
+    for id in 2..5 {
+        s.add(req(id, prompt(20, 1000 * id as u32), params(300))).unwrap();
+    }
+    for _ in 0..6 {
+        timed_step(&mut s);
+    }
+    assert!(s.cost_model().observations() >= 6);
+    // A 1,000-token prompt arrives while four sequences decode: each step
+    // keeps within the target, the decodes run every step, and the prompt
+    // progresses every step until it is prefilled.
+    s.add(req(9, prompt(1000, 50_000), params(4))).unwrap();
+    let mut prefilled = 0;
+    let mut steps = 0;
+    while prefilled < 1000 {
+        let (out, ms) = timed_step(&mut s);
+        let n = scheduled(&out, 9);
+        assert!(n >= MIN_PREFILL_CHUNK, "the prompt progresses every step, got {n}");
+        assert!(ms <= 100.5, "step of {ms:.1} ms with a chunk of {n}");
+        for id in 1..5 {
+            assert_eq!(scheduled(&out, id), 1, "sequence {id} decodes every step");
+        }
+        prefilled += n;
+        steps += 1;
+    }
+    assert_eq!(prefilled, 1000);
+    // Within the target, but not needlessly small: about 40 tokens a step.
+    assert!((15..=40).contains(&steps), "{steps} steps");
+    assert_eq!(s.stats().num_capped_steps, steps as u64 - 1, "the last chunk fitted whole");
+}
+
+#[test]
+fn prefill_progresses_even_when_the_decodes_alone_fill_the_target() {
+    let mut s = Scheduler::new(timed_config(1)).unwrap();
+    for id in 1..4 {
+        s.add(req(id, prompt(8, 100 * id as u32), params(100))).unwrap();
+    }
+    for _ in 0..5 {
+        timed_step(&mut s);
+    }
+    s.add(req(9, prompt(200, 9000), params(4))).unwrap();
+    let steps = 200usize.div_ceil(MIN_PREFILL_CHUNK);
+    let chunks: Vec<usize> = (0..steps).map(|_| scheduled(&timed_step(&mut s).0, 9)).collect();
+    let mut want = vec![MIN_PREFILL_CHUNK; 200 / MIN_PREFILL_CHUNK];
+    want.push(200 % MIN_PREFILL_CHUNK);
+    want.retain(|&n| n > 0);
+    assert_eq!(chunks, want, "the minimum chunk, every step");
+}
+
+#[test]
+fn without_a_target_or_a_fitted_model_the_budget_alone_decides() {
+    for max_step in [None, Some(Duration::from_millis(50))] {
+        let mut s = Scheduler::new(SchedulerConfig { max_step, ..timed_config(1) }).unwrap();
+        s.add(req(1, prompt(8, 0), params(100))).unwrap();
+        // Steps run but nobody reports their time: no model, no cut.
+        step(&mut s, 7);
+        step(&mut s, 7);
+        s.add(req(2, prompt(900, 500), params(4))).unwrap();
+        let (out, _) = step(&mut s, 7);
+        assert_eq!(scheduled(&out, 2), 511, "{max_step:?}: the budget less one decode");
+        assert_eq!(s.stats().num_capped_steps, 0);
+    }
+    let bad = SchedulerConfig { max_step: Some(Duration::ZERO), ..config() };
+    assert!(bad.validate().is_err());
 }

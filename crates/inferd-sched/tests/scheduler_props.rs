@@ -7,6 +7,7 @@
 //! - every added request finishes or is aborted, and afterwards no block leaks.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use inferd_core::{FinishReason, RequestId, SamplingParams, TokenId};
 use inferd_sched::{Scheduler, SchedulerConfig, SequenceRequest};
@@ -30,8 +31,9 @@ fn arrival() -> impl Strategy<Value = Arrival> {
 }
 
 fn config() -> impl Strategy<Value = SchedulerConfig> {
-    (1usize..6, 4usize..48, 8usize..40, prop::sample::select(vec![2usize, 4, 8]), any::<bool>()).prop_map(
-        |(max_num_seqs, budget, num_blocks, block_size, caching)| SchedulerConfig {
+    let max_step = prop::option::of(1u64..40).prop_map(|ms| ms.map(Duration::from_millis));
+    (1usize..6, 4usize..48, 8usize..40, prop::sample::select(vec![2usize, 4, 8]), any::<bool>(), max_step)
+        .prop_map(|(max_num_seqs, budget, num_blocks, block_size, caching, max_step)| SchedulerConfig {
             max_num_seqs,
             max_num_batched_tokens: budget,
             max_model_len: 64,
@@ -40,8 +42,8 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
             enable_prefix_caching: caching,
             eos_token_ids: vec![EOS],
             policy: inferd_sched::StepPolicy::Mixed,
-        },
-    )
+            max_step,
+        })
 }
 
 proptest! {
@@ -97,6 +99,9 @@ proptest! {
             let sampled: Vec<Option<TokenId>> = (0..out.num_seqs())
                 .map(|_| Some(if rng.random_bool(0.05) { EOS } else { rng.random_range(1..4) }))
                 .collect();
+            // A machine of 1 ms a step and 0.5 ms a token: under a step-time
+            // target the plans change, the invariants must not.
+            s.observe_step(&out, Duration::from_micros(1000 + 500 * out.num_scheduled_tokens as u64));
             for u in s.update(&out, &sampled).unwrap() {
                 if let Some(reason) = u.finished {
                     prop_assert!(reason == FinishReason::Stop || reason == FinishReason::Length);

@@ -281,6 +281,10 @@ pub fn parse_price(s: &str) -> Result<f64, String> {
     if (0.0..=1e6).contains(&v) { Ok(v) } else { Err(format!("must be in [0, 1000000] USD, got {s}")) }
 }
 
+/// The CPU's default step-time target: decoding streams see at most about
+/// this much between tokens while prompts are prefilled beside them.
+pub const DEFAULT_CPU_MAX_STEP_MS: u64 = 150;
+
 /// Parses a count of at least 1.
 pub fn parse_count(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
@@ -313,6 +317,14 @@ pub struct ServeArgs {
     /// Token budget of one engine step (chunked prefill splits longer prompts).
     #[arg(long, env = "INFERD_MAX_NUM_BATCHED_TOKENS", default_value_t = 512, value_parser = parse_count)]
     pub max_num_batched_tokens: usize,
+    /// Step-time target in milliseconds while requests decode: a prompt
+    /// prefilled beside them is cut into chunks that keep each step about
+    /// this long (a cost model fitted to the measured steps), so a long
+    /// prompt cannot stall every stream. A step with nothing decoding
+    /// prefills at the full token budget. 0 turns it off. Default: 150 on
+    /// the CPU, off on accelerators.
+    #[arg(long, env = "INFERD_MAX_STEP_MS")]
+    pub max_step_ms: Option<u64>,
     /// Longest sequence (prompt + output); defaults to the model's context length.
     #[arg(long, env = "INFERD_MAX_MODEL_LEN", value_parser = parse_count)]
     pub max_model_len: Option<usize>,
@@ -475,6 +487,16 @@ impl ServeArgs {
         }
     }
 
+    /// The step-time target (see --max-step-ms).
+    pub fn max_step(&self) -> Option<std::time::Duration> {
+        let ms = self.max_step_ms.unwrap_or(if self.device == DeviceSpec::Cpu {
+            DEFAULT_CPU_MAX_STEP_MS
+        } else {
+            0
+        });
+        (ms > 0).then(|| std::time::Duration::from_millis(ms))
+    }
+
     /// What the engine thread builds its backend from.
     pub fn executor_config(&self, model_path: PathBuf) -> ExecutorConfig {
         ExecutorConfig {
@@ -520,6 +542,16 @@ mod tests {
         let cli = Cli::try_parse_from(["inferd", "serve"].iter().chain(flags)).unwrap();
         let Command::Serve(args) = cli.command else { panic!("serve") };
         *args
+    }
+
+    #[test]
+    fn the_step_time_target_defaults_on_for_the_cpu_only() {
+        let ms = |flags: &[&str]| serve(flags).max_step().map(|d| d.as_millis() as u64);
+        assert_eq!(ms(&[]), Some(DEFAULT_CPU_MAX_STEP_MS));
+        assert_eq!(ms(&["--max-step-ms", "0"]), None, "0 turns it off");
+        assert_eq!(ms(&["--max-step-ms", "80"]), Some(80));
+        assert_eq!(ms(&["--device", "cuda"]), None, "off on accelerators unless asked");
+        assert_eq!(ms(&["--device", "cuda", "--max-step-ms", "40"]), Some(40));
     }
 
     #[test]

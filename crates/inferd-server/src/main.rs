@@ -229,6 +229,7 @@ fn start_engine(args: &ServeArgs, plan: &ModelPlan, path: std::path::PathBuf) ->
         // The backend bounds it by the model's context and --max-model-len.
         max_model_len: usize::MAX,
         enable_prefix_caching: !args.no_prefix_caching,
+        max_step: args.max_step(),
     };
     let exec_cfg = args.executor_config(path.clone());
     let (engine, _join) =

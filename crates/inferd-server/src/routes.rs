@@ -636,9 +636,12 @@ fn engine_json(serving: &Serving) -> Value {
         "kv_blocks_free": s.kv_blocks_free.load(r),
         "kv_blocks_used": s.kv_blocks_used(),
         "num_preemptions": s.num_preemptions.load(r),
+        "num_prefill_capped_steps": s.num_capped_steps.load(r),
         "prefix_cache_query_tokens": s.prefix_query_tokens.load(r),
         "prefix_cache_hit_tokens": s.prefix_hit_tokens.load(r),
         "engine_steps": s.steps.load(r),
+        "engine_step_micros": s.busy_micros.load(r),
+        "engine_between_steps_micros": s.between_steps_micros.load(r),
         "generated_tokens": s.generated_tokens.load(r),
         "open_choices": serving.open_choices.load(r),
     })

@@ -84,6 +84,7 @@ pub fn render(
         let ratio = if total == 0 { 0.0 } else { s.kv_blocks_used() as f64 / total as f64 };
         metrics::gauge!(m::KV_CACHE_USAGE_RATIO, &[label()]).set(ratio);
         metrics::counter!(m::PREEMPTIONS_TOTAL, &[label()]).absolute(s.num_preemptions.load(r));
+        metrics::counter!(m::CAPPED_STEPS_TOTAL, &[label()]).absolute(s.num_capped_steps.load(r));
         metrics::counter!(m::BACKEND_RESTARTS_TOTAL, &[label()]).absolute(s.backend_restarts.load(r));
         let up = s.backend().health == inferd_engine::BackendHealth::Up;
         metrics::gauge!(m::BACKEND_UP, &[label()]).set(if up { 1.0 } else { 0.0 });

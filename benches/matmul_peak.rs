@@ -1,0 +1,137 @@
+//! How close the CPU's matmuls come to what the machine can do.
+//!
+//! `int8_peak`: a micro-kernel of independent AVX-512 VNNI dot products
+//! (`vpdpbusd`, 64 multiply-adds each) held in registers, on every core at
+//! once: the machine's int8 multiply-add peak. `layer_matmuls`: one SmolLM2
+//! layer's projections (fused QKV 576→960, output 576→576, fused gate/up
+//! 576→3072, down 1536→576) in Q8_0 as the CPU executor runs them, at 1, 32
+//! and 512 rows. Both report multiply-adds as elements, so criterion's
+//! `elem/s` of the two divide into the fraction of peak reached. Run with
+//! `make bench` (built for this CPU).
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use inferd_models::WeightFormat;
+use inferd_models::linear::{FusedLinear, RawWeight};
+
+/// (in, outs) of each projection in one SmolLM2-135M layer.
+const LAYER: [(usize, &[usize]); 4] =
+    [(576, &[576, 192, 192]), (576, &[576]), (576, &[1536, 1536]), (1536, &[576])];
+
+fn layer_macs_per_row() -> u64 {
+    LAYER.iter().map(|(k, outs)| (k * outs.iter().sum::<usize>()) as u64).sum()
+}
+
+/// Multiply-adds one core retires in `iters` rounds of the micro-kernel.
+#[cfg(target_arch = "x86_64")]
+fn vnni_kernel(iters: u64) -> u64 {
+    if !(std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512f"))
+    {
+        return 0;
+    }
+    // SAFETY: the features the function needs were detected above.
+    unsafe { vnni_rounds(iters) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn vnni_rounds(iters: u64) -> u64 {
+    use std::arch::x86_64::*;
+    const ACCS: usize = 12;
+    let a = _mm512_set1_epi8(3);
+    let b = _mm512_set1_epi8(5);
+    let mut acc = [_mm512_setzero_si512(); ACCS];
+    for _ in 0..iters {
+        // Twelve independent chains hide the instruction's latency.
+        for x in acc.iter_mut() {
+            *x = _mm512_dpbusd_epi32(*x, a, b);
+        }
+    }
+    let mut sum = _mm512_setzero_si512();
+    for x in acc {
+        sum = _mm512_add_epi32(sum, x);
+    }
+    std::hint::black_box(_mm512_reduce_add_epi32(sum));
+    iters * ACCS as u64 * 64
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vnni_kernel(_iters: u64) -> u64 {
+    0
+}
+
+fn threads() -> usize {
+    std::env::var("CANDLE_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn int8_peak(c: &mut Criterion) {
+    const ITERS: u64 = 1 << 20;
+    if vnni_kernel(1) == 0 {
+        eprintln!("int8_peak: this CPU has no AVX-512 VNNI; skipped");
+        return;
+    }
+    let n = threads();
+    let mut group = c.benchmark_group("int8_peak");
+    group.sample_size(10).measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Elements(vnni_kernel(ITERS) * n as u64));
+    group.bench_function(BenchmarkId::new("vpdpbusd_threads", n), |b| {
+        b.iter_custom(|rounds| {
+            let start = Instant::now();
+            for _ in 0..rounds {
+                std::thread::scope(|s| {
+                    for _ in 0..n {
+                        s.spawn(|| vnni_kernel(ITERS));
+                    }
+                });
+            }
+            start.elapsed()
+        })
+    });
+    group.finish();
+}
+
+fn rand(rows: usize, cols: usize, seed: u64) -> Tensor {
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            (((i as u64).wrapping_mul(2_654_435_761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0) * 0.05
+        })
+        .collect();
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu).expect("tensor")
+}
+
+fn layer_matmuls(c: &mut Criterion) {
+    let layers: Vec<(usize, FusedLinear)> = LAYER
+        .iter()
+        .enumerate()
+        .map(|(i, &(k, outs))| {
+            let parts = outs
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| RawWeight::Dense(rand(n, k, (i * 8 + j) as u64)))
+                .collect();
+            (k, FusedLinear::new(parts, None, WeightFormat::Q8_0, DType::F32).expect("layer"))
+        })
+        .collect();
+    let mut group = c.benchmark_group("layer_matmuls/q8_0");
+    group.sample_size(10);
+    for rows in [1usize, 32, 512] {
+        let inputs: Vec<Tensor> = layers.iter().map(|(k, _)| rand(rows, *k, 99)).collect();
+        group.throughput(Throughput::Elements(layer_macs_per_row() * rows as u64));
+        group.bench_with_input(BenchmarkId::new("rows", rows), &inputs, |b, inputs| {
+            b.iter(|| {
+                for ((_, layer), x) in layers.iter().zip(inputs) {
+                    std::hint::black_box(layer.forward(x).expect("matmul"));
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, int8_peak, layer_matmuls);
+criterion_main!(benches);
