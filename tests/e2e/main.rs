@@ -2,6 +2,7 @@
 
 mod api;
 mod backends;
+mod bench;
 mod deploy;
 mod drain;
 mod errors;

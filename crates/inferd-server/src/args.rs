@@ -26,6 +26,9 @@ pub enum Command {
     /// and pin models (HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply).
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Benchmarks: `bench serve` drives any OpenAI-compatible server.
+    #[command(subcommand)]
+    Bench(inferd_bench::BenchCommand),
     /// The Neuron stand-in worker: inferd's CPU model behind the Neuron step
     /// protocol, holding each step to what a compiled model allows. Started
     /// by `serve --device neuron --neuron-worker "inferd neuron-standin"` to

@@ -51,6 +51,9 @@ fn main() -> anyhow::Result<()> {
                 .block_on(models_cmd::run(cmd))?;
             std::process::exit(code);
         }
+        Command::Bench(cmd) => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(inferd_bench::run(cmd))
+        }
         Command::NeuronStandin { args } => {
             std::process::exit(inferd_exec::neuron::standin::main_with_args(&args));
         }
