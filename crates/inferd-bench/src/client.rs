@@ -16,8 +16,6 @@ pub struct Outcome {
     pub ok: bool,
     /// Why it failed, if it did.
     pub error: Option<String>,
-    /// Since the run started, when it was sent.
-    pub sent_at: Duration,
     /// Time to the first content (the whole request when not streamed).
     pub ttft: Option<Duration>,
     /// Gaps between consecutive content chunks.
@@ -48,10 +46,6 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn resp_status(o: &Outcome) -> u16 {
-    o.status.unwrap_or(0)
-}
-
 /// The text a chunk or response carries, on either route.
 fn content(v: &Value, endpoint: Endpoint, streamed: bool) -> Option<&str> {
     let choice = v.get("choices")?.get(0)?;
@@ -67,14 +61,13 @@ fn usage(v: &Value) -> Option<(u64, u64)> {
     Some((u.get("prompt_tokens")?.as_u64()?, u.get("completion_tokens")?.as_u64()?))
 }
 
-/// Sends `body` to `url` and measures it; `t0` is the run's start.
+/// Sends `body` to `url` and measures it.
 pub async fn send(
     client: &reqwest::Client,
     url: &str,
     api_key: Option<&str>,
     body: &Value,
     endpoint: Endpoint,
-    t0: Instant,
 ) -> Outcome {
     let streamed = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let mut attempt = 0;
@@ -93,7 +86,7 @@ pub async fn send(
             Err(e) => break (start, Err(e)),
         }
     };
-    let mut out = Outcome { sent_at: start - t0, ..Default::default() };
+    let mut out = Outcome::default();
     let fail = |mut out: Outcome, why: String| {
         out.e2e = start.elapsed();
         out.error = Some(why);
@@ -103,11 +96,14 @@ pub async fn send(
         Ok(r) => r,
         Err(e) => return fail(out, format!("request failed: {}", chain(&e))),
     };
-    out.status = Some(resp.status().as_u16());
-    if !resp.status().is_success() {
+    let status = resp.status();
+    out.status = Some(status.as_u16());
+    if !status.is_success() {
         let text = resp.text().await.unwrap_or_default();
-        let why = format!("HTTP {}: {}", resp_status(&out), text.chars().take(200).collect::<String>());
-        return fail(out, why);
+        return fail(
+            out,
+            format!("HTTP {}: {}", status.as_u16(), text.chars().take(200).collect::<String>()),
+        );
     }
     if !streamed {
         let v: Value = match resp.json().await {

@@ -93,9 +93,9 @@ struct Shared {
 }
 
 impl Shared {
-    /// Sends request `i` of the run that started at `t0`.
-    async fn send(&self, i: usize, t0: Instant) -> Outcome {
-        client::send(&self.client, &self.url, self.key.as_deref(), &self.bodies[i], self.endpoint, t0).await
+    /// Sends request `i` of the run.
+    async fn send(&self, i: usize) -> Outcome {
+        client::send(&self.client, &self.url, self.key.as_deref(), &self.bodies[i], self.endpoint).await
     }
 }
 
@@ -114,7 +114,7 @@ async fn closed_loop(shared: Arc<Shared>, c: usize, bar: &ProgressBar) -> (Vec<O
                 if i >= n {
                     break;
                 }
-                let o = shared.send(i, t0).await;
+                let o = shared.send(i).await;
                 bar.inc(1);
                 if let Ok(mut all) = outcomes.lock() {
                     all[i] = o;
@@ -166,7 +166,7 @@ async fn open_loop(
         let permit = gate.clone().acquire_owned().await;
         let (shared, bar) = (shared.clone(), bar.clone());
         tasks.push(tokio::spawn(async move {
-            let o = shared.send(i, t0).await;
+            let o = shared.send(i).await;
             drop(permit);
             bar.inc(1);
             o

@@ -442,7 +442,6 @@ mod tests {
             itl,
             e2e,
             error: (!ok).then(|| "HTTP 429: slow down".to_string()),
-            ..Default::default()
         }
     }
 

@@ -453,7 +453,7 @@ impl<E: ModelExecutor> EngineCore<E> {
         // Ids no client gets (theirs count up from 1), each used once: the
         // backend hears of the first one's end with the second's input.
         let mut warm = vec![(0, 32.min(longest))];
-        if cfg.max_step.is_some() && cfg.policy == StepPolicy::Mixed {
+        if cfg.has_step_target() {
             warm.push((u64::MAX, 128.min(longest)));
         }
         for (id, len) in warm {

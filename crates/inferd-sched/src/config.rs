@@ -132,6 +132,12 @@ impl SchedulerConfig {
         }
     }
 
+    /// Whether steps are sized by time: a `max_step` target under the mixed
+    /// policy (the compiled policy's shapes are fixed, so it ignores one).
+    pub fn has_step_target(&self) -> bool {
+        self.max_step.is_some() && self.policy == StepPolicy::Mixed
+    }
+
     /// The step's token budget, within the largest compiled token count.
     pub fn token_budget(&self) -> usize {
         self.buckets()

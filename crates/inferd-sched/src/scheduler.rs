@@ -28,6 +28,15 @@ struct StepCap {
     cut: bool,
 }
 
+impl StepCap {
+    /// Counts a prefill chunk of `n` tokens after `computed` cached ones
+    /// into the step being planned.
+    fn add(&mut self, computed: usize, n: usize) {
+        self.planned = self.planned + StepShape::chunk(computed, n);
+        self.prefilled += n;
+    }
+}
+
 /// Request ids are already unique integers: mix them once instead of SipHash.
 #[derive(Default)]
 struct IdHasher(u64);
@@ -120,9 +129,12 @@ impl Scheduler {
     }
 
     /// Reports how long a planned step took to run, for the step-time
-    /// cost model (see [`SchedulerConfig::max_step`]).
+    /// cost model (see [`SchedulerConfig::max_step`]). Without a target
+    /// nothing reads the model, so nothing is fitted.
     pub fn observe_step(&mut self, out: &SchedulerOutput, took: Duration) {
-        self.cost.observe(StepShape::of(out), took);
+        if self.config.has_step_target() {
+            self.cost.observe(StepShape::of(out), took);
+        }
     }
 
     /// The fitted step-time model.
@@ -285,8 +297,7 @@ impl Scheduler {
                 continue;
             }
             if let Some(c) = cap.as_mut().filter(|_| uncomputed > 1) {
-                c.planned = c.planned + StepShape::chunk(computed, num_new);
-                c.prefilled += num_new;
+                c.add(computed, num_new);
             }
             let target = seq.num_computed_tokens + num_new;
             // Make room by preempting from the back until this one fits.
@@ -374,8 +385,7 @@ impl Scheduler {
             self.running.push(id);
             *budget -= num_new;
             if let Some(c) = cap.as_mut() {
-                c.planned = c.planned + StepShape::chunk(computed, num_new);
-                c.prefilled += num_new;
+                c.add(computed, num_new);
             }
         }
     }
