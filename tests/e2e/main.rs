@@ -3,6 +3,7 @@
 mod api;
 mod backends;
 mod bench;
+mod console;
 mod deploy;
 mod drain;
 mod errors;

@@ -380,6 +380,10 @@ pub struct ServeArgs {
     /// Disable reuse of cached KV for repeated prompt prefixes.
     #[arg(long, env = "INFERD_NO_PREFIX_CACHING")]
     pub no_prefix_caching: bool,
+    /// Serve no console page at `/` (its status, playground and usage
+    /// table use the JSON routes, which stay).
+    #[arg(long, env = "INFERD_NO_CONSOLE")]
+    pub no_console: bool,
     /// Largest request body accepted.
     #[arg(long, env = "INFERD_MAX_BODY", default_value = "4MiB", value_parser = parse_bytes)]
     pub max_body: usize,

@@ -84,7 +84,7 @@ impl Drain {
 /// metrics keep answering.
 pub async fn gate(State(state): State<SharedState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let probe = matches!(path, "/health" | "/ready" | "/metrics" | "/stats");
+    let probe = matches!(path, "/health" | "/ready" | "/metrics" | "/stats" | "/stats/recent");
     if !probe && state.refusing.load(Ordering::Acquire) {
         let mut resp = ApiError::Unavailable {
             message: "The server is draining and takes no new requests; retry on another instance.".into(),

@@ -220,6 +220,7 @@ impl IntoResponse for ApiError {
         if rejected {
             metrics::counter!(inferd_engine::metrics::REQUESTS_REJECTED_TOTAL, "reason" => self.reason())
                 .increment(1);
+            crate::recent::recent().rejected(self.reason());
         }
         let mut resp = (status, Json(self.body())).into_response();
         if rejected {

@@ -387,6 +387,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admission: admission::Admission::new(args.max_waiting_requests, args.max_waiting_tokens),
         max_queue_wait: std::time::Duration::from_secs_f64(args.max_queue_wait.max(0.0)),
         request_timeout: std::time::Duration::from_secs_f64(args.request_timeout.max(0.0)),
+        console: !args.no_console,
         ..Default::default()
     });
     if let Some(days) = args.ledger_retention_days {

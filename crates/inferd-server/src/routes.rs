@@ -69,6 +69,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route(Method::GET, "/ready", false, ready),
         route(Method::GET, "/metrics", false, metrics_text),
         route(Method::GET, "/stats", false, stats),
+        route(Method::GET, "/stats/recent", false, stats_recent),
         route(Method::GET, "/openapi.json", false, openapi),
     ]
 }
@@ -100,6 +101,9 @@ pub fn router(state: SharedState, limits: crate::conn::ConnLimits) -> Router {
     }
     // API routes need a key when tenants are configured.
     let api = api.route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::auth::authenticate));
+    if state.console {
+        open = open.merge(crate::console::router());
+    }
     Router::new()
         .merge(api)
         .merge(open)
@@ -644,6 +648,7 @@ fn engine_json(serving: &Serving) -> Value {
         "engine_between_steps_micros": s.between_steps_micros.load(r),
         "generated_tokens": s.generated_tokens.load(r),
         "open_choices": serving.open_choices.load(r),
+        "cost_per_million_tokens": serving.cost.per_million(s.busy_micros.load(r)),
     })
 }
 
@@ -670,8 +675,15 @@ async fn stats(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
     let r = std::sync::atomic::Ordering::Relaxed;
     body["open_requests"] = json!(st.live_meters.load(r));
     body["runtime_alive_tasks"] = json!(tokio::runtime::Handle::current().metrics().num_alive_tasks());
+    body["api_key_required"] = json!(!st.tenants().is_open());
     body["models"] = Value::Object(engines.into_iter().collect());
     Ok(Json(body))
+}
+
+/// The last minutes of serving in time slots: latency percentiles, output
+/// tokens, finished and refused requests (what the console charts).
+async fn stats_recent() -> Json<Value> {
+    Json(crate::recent::recent().json())
 }
 
 #[cfg(test)]
@@ -712,15 +724,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_router_answers_every_route_of_the_table() {
-        let limits = crate::conn::ConnLimits {
+    fn limits() -> crate::conn::ConnLimits {
+        crate::conn::ConnLimits {
             header_read_timeout: std::time::Duration::from_secs(5),
             body_read_timeout: std::time::Duration::from_secs(5),
             max_header_bytes: 1 << 16,
             max_body_bytes: 1 << 20,
-        };
-        let app = router(std::sync::Arc::new(crate::state::AppState::default()), limits);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_router_answers_every_route_of_the_table() {
+        let app = router(std::sync::Arc::new(crate::state::AppState::default()), limits());
         for r in routes() {
             let req = axum::http::Request::builder()
                 .method(r.method.clone())
@@ -738,5 +753,19 @@ mod tests {
         }
         let req = axum::http::Request::get("/v1/nothing").body(axum::body::Body::empty()).unwrap();
         assert_eq!(app.oneshot(req).await.unwrap().status(), StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn the_console_is_served_unless_turned_off() {
+        for console in [true, false] {
+            let state = crate::state::AppState { console, ..Default::default() };
+            let app = router(std::sync::Arc::new(state), limits());
+            for path in ["/", "/console/console.js"] {
+                let req = axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap();
+                let resp = app.clone().oneshot(req).await.unwrap();
+                let want = if console { StatusCode::OK } else { StatusCode::NOT_FOUND };
+                assert_eq!(resp.status(), want, "{path} with console {console}");
+            }
+        }
     }
 }

@@ -98,6 +98,8 @@ pub struct AppState {
     pub ledger: Option<Arc<inferd_ledger::Ledger>>,
     /// Requests whose usage record is not yet queued for the ledger.
     pub live_meters: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether `/` serves the console.
+    pub console: bool,
 }
 
 impl Default for AppState {
@@ -119,6 +121,7 @@ impl Default for AppState {
             )),
             ledger: None,
             live_meters: Default::default(),
+            console: false,
         }
     }
 }

@@ -118,10 +118,16 @@ impl SeqTimer {
         let now = Instant::now();
         let model = self.model.to_string();
         match self.last_token {
-            None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN, "model" => model)
-                .record(now.duration_since(self.arrival).as_secs_f64()),
-            Some(last) => metrics::histogram!(m::INTER_TOKEN_LATENCY, "model" => model)
-                .record(now.duration_since(last).as_secs_f64()),
+            None => {
+                let secs = now.duration_since(self.arrival).as_secs_f64();
+                metrics::histogram!(m::TIME_TO_FIRST_TOKEN, "model" => model).record(secs);
+                crate::recent::recent().first_token(secs);
+            }
+            Some(last) => {
+                let secs = now.duration_since(last).as_secs_f64();
+                metrics::histogram!(m::INTER_TOKEN_LATENCY, "model" => model).record(secs);
+                crate::recent::recent().next_token(secs);
+            }
         }
         self.last_token = Some(now);
     }
@@ -132,6 +138,7 @@ impl SeqTimer {
             return;
         }
         let status = if reason == FinishReason::Error { "error" } else { "ok" };
+        crate::recent::recent().finished(reason == FinishReason::Error);
         metrics::histogram!(m::E2E_REQUEST_LATENCY, "model" => self.model.to_string())
             .record(self.arrival.elapsed().as_secs_f64());
         metrics::counter!(m::REQUESTS_TOTAL, "status" => status, "finish_reason" => reason.as_str())
