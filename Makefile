@@ -11,7 +11,7 @@ endif
 NATIVE_TARGET_DIR ?= target/native
 
 .PHONY: test fmt-check clippy unit bench fmt model venv browser serve build cuda-toolkit cuda-check neuron-check stores gpu-bundle fuzz faults \
-	deploy-check lint-tools test-cluster cluster-check
+	deploy-check lint-tools test-cluster cluster-check image image-check
 
 PYTHON ?= python3
 MODEL ?= smollm2-135m-instruct
@@ -36,7 +36,7 @@ build:
 
 ## test: everything CI runs (format check, clippy with warnings denied, all
 ## tests, and the CUDA code compiled and type-checked without a GPU)
-test: model venv browser fmt-check clippy deploy-check neuron-check unit cluster-check cuda-check
+test: model venv browser fmt-check clippy deploy-check neuron-check unit cluster-check image-check cuda-check
 
 ## venv: a Python virtual environment with the pinned openai and schemathesis packages
 VENV_STAMP := $(VENV)/.openai-$(OPENAI_VERSION)-schemathesis-$(SCHEMATHESIS_VERSION)
@@ -83,7 +83,7 @@ $(LINT_VENV)/.tools: Makefile
 ## stack (cfn-lint, offline) and the systemd unit with its drop-ins (systemd-analyze)
 deploy-check: lint-tools
 	$(LINT_VENV)/bin/hadolint docker/Dockerfile.cpu docker/Dockerfile.cuda docker/Dockerfile.neuron
-	$(LINT_VENV)/bin/shellcheck deploy/install.sh deploy/verify-units.sh docker/entrypoint.sh \
+	$(LINT_VENV)/bin/shellcheck deploy/install.sh deploy/verify-units.sh docker/entrypoint.sh docker/image-check.sh \
 		scripts/gpu-check.sh scripts/inferd-cuda
 	$(LINT_VENV)/bin/cfn-lint deploy/aws/inferd.yaml
 	@command -v systemd-analyze >/dev/null || { sudo -n apt-get install -y systemd || apt-get install -y systemd; }
@@ -140,6 +140,19 @@ test-cluster: model
 # make test runs the rolling restart with the test build (optimized dev profile).
 cluster-check:
 	$(MAKE) test-cluster CLUSTER_BIN=target/debug/inferd
+
+## image: build docker/Dockerfile.cpu with buildah (no daemon) on a Debian base
+## made by debootstrap, run it and check it (root; see docker/image-check.sh)
+IMAGE_BIN ?= target/release/inferd
+image: model
+	@test -x $(IMAGE_BIN) || $(CARGO) build --release --locked -p inferd-server
+	@{ command -v buildah && command -v debootstrap; } >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq buildah debootstrap; }
+	docker/image-check.sh $(IMAGE_BIN)
+
+# make test builds and runs the image with the test build.
+image-check:
+	$(MAKE) image IMAGE_BIN=target/debug/inferd
 
 ## faults: overload, disconnect storm and kill -9 against a release build (benches/faults.py)
 faults: model build
