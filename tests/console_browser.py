@@ -1,6 +1,7 @@
 """The console at / in a real browser: Debian's Chromium, driven by Playwright.
 
 Usage: console_browser.py BASE_URL ADMIN_KEY SCREENSHOT.png
+       console_browser.py --failed-model BASE_URL MODEL_NAME
 
 The server must have tenants configured (ADMIN_KEY belongs to an admin
 tenant) and be idle and ready. Checks that the page loads with no console
@@ -8,6 +9,9 @@ errors and asks nothing of any other origin, that its status numbers match
 /stats, that a playground question streams into the page token by token,
 that the latency charts and the usage table fill in, and saves a full-page
 screenshot. The last line printed on success is "all console checks passed".
+
+With --failed-model, checks only that the page names MODEL_NAME as failed,
+with the reason /ready gives, while the instance stays ready.
 """
 
 import json
@@ -19,7 +23,9 @@ import urllib.request
 
 from playwright.sync_api import sync_playwright
 
-BASE, KEY, SHOT = sys.argv[1].rstrip("/"), sys.argv[2], sys.argv[3]
+FAILED_MODE = sys.argv[1] == "--failed-model"
+ARGS = sys.argv[2:] if FAILED_MODE else sys.argv[1:]
+BASE, KEY, SHOT = ARGS[0].rstrip("/"), ARGS[1], ARGS[2] if len(ARGS) > 2 else None
 CHROMIUM = os.environ.get("INFERD_CHROMIUM", "/usr/bin/chromium")
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -67,25 +73,49 @@ def page_matches_stats(page):
     return stats
 
 
+def open_page(p, errors, elsewhere):
+    # Root in CI: Chromium's sandbox needs user namespaces it may not have.
+    browser = p.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync"],
+    )
+    page = browser.new_page(viewport=VIEWPORT)
+    page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url} {r.failure}"))
+    page.on("request", lambda r: None if r.url.startswith(BASE + "/") else elsewhere.append(r.url))
+    page.goto(BASE + "/")
+    return browser, page
+
+
+def failed_model():
+    """The page names a model that failed to load, with /ready's reason."""
+    errors, elsewhere = [], []
+    name = KEY
+    with sync_playwright() as p:
+        browser, page = open_page(p, errors, elsewhere)
+        page.wait_for_selector("#ready-detail", state="visible", timeout=30_000)
+        ready = get("/ready")
+        reason = next(m["reason"] for m in ready["models"] if m["name"] == name)
+        detail = page.text_content("#ready-detail")
+        assert detail == f"{name}: failed ({reason})", detail
+        assert page.text_content("#ready") == "ready", "the other model serves"
+        browser.close()
+    assert not errors, "\n".join(errors)
+    assert not elsewhere, f"requests to other origins: {elsewhere}"
+    print("all console checks passed")
+
+
 def main():
     errors, elsewhere = [], []
     with sync_playwright() as p:
-        # Root in CI: Chromium's sandbox needs user namespaces it may not have.
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
-        )
-        page = browser.new_page(viewport=VIEWPORT)
-        page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-        page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url} {r.failure}"))
-        page.on("request", lambda r: None if r.url.startswith(BASE + "/") else elsewhere.append(r.url))
-
-        page.goto(BASE + "/")
+        browser, page = open_page(p, errors, elsewhere)
         assert page.title() == "inferd console"
         page.wait_for_function("document.getElementById('ready').dataset.state === 'ready'", timeout=30_000)
         assert page.text_content("#ready") == "ready"
+        # Every model serves: no line about one that is loading or failed.
+        assert not page.is_visible("#ready-detail")
         # Tenants are configured: the key field shows, and usage waits for a key.
         assert page.is_visible("#api-key")
         eventually("usage asks for a key", lambda: _contains(page, "#usage-scope", "Enter an API key"))
@@ -178,4 +208,4 @@ def _true(value):
 
 
 if __name__ == "__main__":
-    main()
+    failed_model() if FAILED_MODE else main()

@@ -103,3 +103,17 @@ fn the_console_in_a_real_browser() {
     assert_eq!(width, 1280);
     assert!(height >= 900, "{height}");
 }
+
+#[test]
+fn a_model_that_failed_to_load_is_named_on_the_page_with_its_reason() {
+    // A Hub model that is not cached, offline: it fails, the default serves.
+    let srv = Server::start_with_env(
+        &["--model", "smollm2-135m-instruct", "--model", "someorg/not-cached"],
+        &[("HF_HUB_OFFLINE", "1"), ("HF_HOME", temp_dir("console-hf").to_str().unwrap())],
+    );
+    run_python(
+        "console_browser.py",
+        &["--failed-model", &srv.base, "someorg/not-cached"],
+        "all console checks passed",
+    );
+}

@@ -61,10 +61,23 @@ function renderReady(ready) {
   const kind = status === "ready" ? "ready" : status === "loading" || status === "draining" ? status : "down";
   el.dataset.state = kind;
   setText("ready", status === "ready" ? "ready" : `not ready: ${status}`);
+  // Models that are not serving, with why: loading (and how far), failed.
+  const notes = ((ready && ready.models) || [])
+    .filter((m) => m.status !== "ready")
+    .map((m) => `${m.name}: ${m.status}${m.reason ? ` (${m.reason})` : ""}${progressText(m.progress)}`);
+  const detail = $("ready-detail");
+  setText("ready-detail", notes.join(" · "));
+  detail.hidden = notes.length === 0;
   if (ready && ready.ledger) {
     setText("stat-ledger", ready.ledger);
     setText("stat-ledger-sub", `${fmtInt(ready.ledger_pending)} records waiting`);
   }
+}
+
+function progressText(p) {
+  if (!p || !p.stage) return "";
+  const bytes = p.file_bytes_total ? `, ${((p.file_bytes_done / p.file_bytes_total) * 100).toFixed(0)} % of ${p.file || "a file"}` : "";
+  return ` (${p.stage}${p.files_total ? `, file ${p.files_done + 1} of ${p.files_total}` : ""}${bytes})`;
 }
 
 function renderStats(stats) {
