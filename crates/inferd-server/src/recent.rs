@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{LazyLock, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
@@ -118,8 +117,9 @@ pub struct Recent {
     inner: Mutex<Inner>,
 }
 
+/// The server's wall clock (the one quotas and usage use).
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    u64::try_from(crate::clock::now_unix_ms()).unwrap_or(0)
 }
 
 impl Inner {
@@ -196,9 +196,9 @@ impl Recent {
             let newest = now_ms / 1000 / SLOT_SECS;
             let oldest = newest.saturating_sub(SLOTS - 1);
             let mut window = Slot::default();
+            let empty = Slot::default();
             let mut slots = Vec::new();
             for index in oldest..=newest {
-                let empty = Slot { index, ..Default::default() };
                 let s = i.slots.iter().find(|s| s.index == index).unwrap_or(&empty);
                 window.ttft.merge(&s.ttft);
                 window.itl.merge(&s.itl);
