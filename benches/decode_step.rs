@@ -1,8 +1,10 @@
 //! One forward step of the real SmolLM2 on the CPU executor: decode at batch
 //! 1, 8 and 32 with 256 tokens of context each, and a 512-token prefill, for
 //! each CPU compute format. Throughput is reported in tokens per second.
-//! Needs models/ (make model); threads follow RAYON_NUM_THREADS and
-//! CANDLE_NUM_THREADS, defaulting to the physical cores.
+//! Needs models/ (make model); threads follow INFERD_CPU_THREADS (and
+//! CANDLE_NUM_THREADS for candle's own ops), defaulting to the cores this
+//! process may use. `INFERD_CPU_MATMUL=candle` runs candle's matmul kernels
+//! instead of inferd's, to compare.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use inferd_benches::{decode_input, prefill_input};

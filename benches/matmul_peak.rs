@@ -5,16 +5,20 @@
 //! once: the machine's int8 multiply-add peak. `layer_matmuls`: one SmolLM2
 //! layer's projections (fused QKV 576→960, output 576→576, fused gate/up
 //! 576→3072, down 1536→576) in Q8_0 as the CPU executor runs them, at 1, 32
-//! and 512 rows. Both report multiply-adds as elements, so criterion's
-//! `elem/s` of the two divide into the fraction of peak reached. Run with
-//! `make bench` (built for this CPU).
+//! and 512 rows, on inferd's kernels (`INFERD_CPU_MATMUL=candle` runs
+//! candle's instead, to compare). `kernel_paths`: the same layer at 32 rows
+//! on each of inferd's kernel paths this CPU runs (AVX-512 VNNI, AVX2,
+//! scalar). All report multiply-adds as elements, so criterion's `elem/s`
+//! divide into the fraction of peak reached. Run with `make bench` (built
+//! for this CPU).
 
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use inferd_cpu::{Isa, PackedQ8, Pool};
 use inferd_models::WeightFormat;
-use inferd_models::linear::{FusedLinear, RawWeight};
+use inferd_models::linear::{FusedLinear, RawWeight, own_cpu_kernels};
 
 /// (in, outs) of each projection in one SmolLM2-135M layer.
 const LAYER: [(usize, &[usize]); 4] =
@@ -63,7 +67,7 @@ fn vnni_kernel(_iters: u64) -> u64 {
 }
 
 fn threads() -> usize {
-    std::env::var("CANDLE_NUM_THREADS")
+    std::env::var("INFERD_CPU_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -117,7 +121,8 @@ fn layer_matmuls(c: &mut Criterion) {
             (k, FusedLinear::new(parts, None, WeightFormat::Q8_0, DType::F32).expect("layer"))
         })
         .collect();
-    let mut group = c.benchmark_group("layer_matmuls/q8_0");
+    let kernels = if own_cpu_kernels() { "inferd" } else { "candle" };
+    let mut group = c.benchmark_group(format!("layer_matmuls/q8_0/{kernels}"));
     group.sample_size(10);
     for rows in [1usize, 32, 512] {
         let inputs: Vec<Tensor> = layers.iter().map(|(k, _)| rand(rows, *k, 99)).collect();
@@ -133,5 +138,37 @@ fn layer_matmuls(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, int8_peak, layer_matmuls);
+fn kernel_paths(c: &mut Criterion) {
+    const ROWS: usize = 32;
+    let layer: Vec<(usize, PackedQ8)> = LAYER
+        .iter()
+        .enumerate()
+        .map(|(i, &(k, outs))| {
+            let n: usize = outs.iter().sum();
+            let w = rand(n, k, i as u64);
+            let q = candle_core::quantized::QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0)
+                .expect("quantize");
+            (k, PackedQ8::from_q8_0(&q.data().expect("bytes"), n, k).expect("pack"))
+        })
+        .collect();
+    let inputs: Vec<Vec<f32>> = layer
+        .iter()
+        .map(|(k, _)| rand(ROWS, *k, 7).flatten_all().and_then(|t| t.to_vec1()).expect("input"))
+        .collect();
+    let mut group = c.benchmark_group("kernel_paths");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(layer_macs_per_row() * ROWS as u64));
+    for isa in Isa::all_supported() {
+        group.bench_function(BenchmarkId::new(isa.name(), ROWS), |b| {
+            b.iter(|| {
+                for ((_, w), x) in layer.iter().zip(&inputs) {
+                    std::hint::black_box(w.forward_on(isa, Pool::global(), x, ROWS));
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, int8_peak, layer_matmuls, kernel_paths);
 criterion_main!(benches);

@@ -68,15 +68,18 @@ async fn the_cpu_backend_computes_in_the_dtype_asked_for() {
     assert_eq!(backend["compute_dtype"], "bf16");
     assert_eq!(backend["kv_cache_dtype"], "bf16", "the KV cache follows the compute dtype");
     assert_eq!(backend["samples_on_device"], false);
+    // Not France: for that question this model's first token is a near tie
+    // ("The" leads "L" by 0.08 in f32 logits), so Q8_0 rounding decides
+    // between "The capital of France is Paris." and a French ramble.
     let body = json!({
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "messages": [{"role": "user", "content": "What is the capital of Germany?"}],
         "max_tokens": 12, "temperature": 0
     });
     let resp = reqwest::Client::new().post(srv.url("/v1/chat/completions")).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let out: Value = resp.json().await.unwrap();
     let text = out["choices"][0]["message"]["content"].as_str().unwrap_or_default();
-    assert!(text.contains("Paris"), "bf16 compute answers sensibly: {text:?}");
+    assert!(text.contains("Berlin"), "bf16 compute answers sensibly: {text:?}");
     drop(srv);
     // The default: f32 compute and KV on the CPU; the KV dtype can differ.
     let srv = Server::start(&["--kv-cache-dtype", "f16"]);

@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<()> {
                 unsafe {
                     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
                     std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+                    std::env::set_var("INFERD_CPU_THREADS", n.to_string());
                 }
             }
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(*args))

@@ -2,6 +2,8 @@
 //! paged KV cache held in plain vectors.
 
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_x86;
 mod kv_cache;
 
 use candle_core::{DType as CandleDType, Device, Tensor};
