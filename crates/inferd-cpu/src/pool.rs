@@ -252,9 +252,11 @@ fn pin_to(cpu: usize) {
 #[cfg(not(target_os = "linux"))]
 fn pin_to(_cpu: usize) {}
 
-/// A pointer into a buffer whose disjoint parts several threads write.
-struct SendPtr<T>(*mut T);
-// SAFETY: only used by `for_each_chunk`, whose parts touch disjoint chunks.
+/// A pointer into a buffer whose disjoint parts the parts of one job write
+/// (`for_each_chunk` here; the matmul's columns and the quantizer's rows).
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: every user hands each part of its job a disjoint region, and the
+// buffer outlives the job.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 impl Drop for Pool {

@@ -15,7 +15,7 @@
 //! keeping the scale in f32 where Q8_0 rounds it to f16.
 
 use crate::isa::Isa;
-use crate::pool::Pool;
+use crate::pool::{Pool, SendPtr};
 use crate::scalar;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -139,7 +139,7 @@ impl PackedQ8 {
         // Even, so the AVX-512 kernel can take its tiles in pairs.
         let chunk = (tiles / (parts * 4)).max(1).next_multiple_of(2);
         let next = AtomicUsize::new(0);
-        let out = SharedOut(out.as_mut_ptr());
+        let out = SendPtr(out.as_mut_ptr());
         let view = self.tiles();
         pool.run(parts, |_| {
             let out = &out;
@@ -166,11 +166,6 @@ impl PackedQ8 {
         });
     }
 }
-
-/// The output buffer, shared by the threads that write disjoint columns of it.
-struct SharedOut(*mut f32);
-// SAFETY: see `matmul_on`: every tile writes its own columns.
-unsafe impl Sync for SharedOut {}
 
 /// One call of a kernel: tile `t` of a matrix (and tile `t + 1` when
 /// `pair`, AVX-512 only) times every input row. `out` points at tile `t`'s
@@ -234,11 +229,8 @@ impl QuantizedRows {
         let mut rows = QuantizedRows { m, k, q: vec![0; m * k], d: vec![0.0; m * nb], c: vec![0; m * nb] };
         let parts = if m * k < 1 << 15 { 1 } else { pool.threads().min(m) };
         let per = m.div_ceil(parts);
-        let (q, d, c) = (
-            SharedOut(rows.q.as_mut_ptr().cast()),
-            SharedOut(rows.d.as_mut_ptr()),
-            SharedOut(rows.c.as_mut_ptr().cast()),
-        );
+        let (q, d, c) =
+            (SendPtr(rows.q.as_mut_ptr()), SendPtr(rows.d.as_mut_ptr()), SendPtr(rows.c.as_mut_ptr()));
         pool.run(parts, |p| {
             let (q, d, c) = (&q, &d, &c);
             for r in p * per..((p + 1) * per).min(m) {
@@ -247,9 +239,9 @@ impl QuantizedRows {
                 // and the buffers outlive `run`.
                 let (qr, dr, cr) = unsafe {
                     (
-                        std::slice::from_raw_parts_mut(q.0.cast::<i8>().add(r * k), k),
+                        std::slice::from_raw_parts_mut(q.0.add(r * k), k),
                         std::slice::from_raw_parts_mut(d.0.add(r * nb), nb),
-                        std::slice::from_raw_parts_mut(c.0.cast::<i32>().add(r * nb), nb),
+                        std::slice::from_raw_parts_mut(c.0.add(r * nb), nb),
                     )
                 };
                 quantize_row(isa, xr, qr, dr, cr);

@@ -70,22 +70,23 @@ const MAX_GROUP: usize = 16;
 /// a loop of it vectorizes (libm's `expf` does not).
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding and taking away 1.5 * 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
+    let x = x.max(EXP_MIN);
     let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 / 720.0;
-    let p = p * r + 1.0 / 120.0;
-    let p = p * r + 1.0 / 24.0;
-    let p = p * r + 1.0 / 6.0;
-    let p = p * r + 0.5;
-    let p = p * r + 1.0;
-    let p = p * r + 1.0;
+    let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| p * r + c);
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
+
+/// The exponential's pieces, shared with the AVX-512 kernel: inputs are
+/// clamped to `EXP_MIN` (below it `e^x` is under f32's normal range), `ln 2`
+/// is split in two so `x - n ln 2` stays exact, and `EXP_POLY` holds the
+/// Taylor coefficients of `e^r`, highest degree first.
+pub(crate) const EXP_MIN: f32 = -87.0;
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+pub(crate) const EXP_POLY: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
 
 /// Attention of the `g` query heads in `q` (`g * head_dim`, consecutive
 /// heads sharing kv head `kvh`) over `ctx` keys reached through `table`;
