@@ -4,19 +4,20 @@
 //! (`vpdpbusd`, 64 multiply-adds each) held in registers, on every core at
 //! once: the machine's int8 multiply-add peak. `layer_matmuls`: one SmolLM2
 //! layer's projections (fused QKV 576→960, output 576→576, fused gate/up
-//! 576→3072, down 1536→576) in Q8_0 as the CPU executor runs them, at 1, 32
-//! and 512 rows, on inferd's kernels (`INFERD_CPU_MATMUL=candle` runs
-//! candle's instead, to compare). `kernel_paths`: the same layer at 32 rows
-//! on each of inferd's kernel paths this CPU runs (AVX-512 VNNI, AVX2,
-//! scalar). All report multiply-adds as elements, so criterion's `elem/s`
+//! 576→3072, down 1536→576) in Q8_0 and in Q4_1 as the CPU executor runs
+//! them, at 1, 32 and 512 rows, on inferd's kernels (`INFERD_CPU_MATMUL=candle`
+//! runs candle's instead, to compare). `kernel_paths`: the same layer at 32
+//! rows in both formats on each of inferd's kernel paths this CPU runs
+//! (AVX-512 VNNI, AVX2, scalar). All report multiply-adds as elements, so criterion's `elem/s`
 //! divide into the fraction of peak reached. Run with `make bench` (built
 //! for this CPU).
 
 use std::time::{Duration, Instant};
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use inferd_cpu::{Isa, PackedQ8, Pool};
+use inferd_cpu::{Isa, PackedMatrix, Pool};
 use inferd_models::WeightFormat;
 use inferd_models::linear::{FusedLinear, RawWeight, own_cpu_kernels};
 
@@ -108,7 +109,16 @@ fn rand(rows: usize, cols: usize, seed: u64) -> Tensor {
     Tensor::from_vec(v, (rows, cols), &Device::Cpu).expect("tensor")
 }
 
+/// The two quantized formats a layer runs in on the CPU.
+const FORMATS: [GgmlDType; 2] = [GgmlDType::Q8_0, GgmlDType::Q4_1];
+
 fn layer_matmuls(c: &mut Criterion) {
+    for dtype in FORMATS {
+        layer_matmuls_in(c, dtype);
+    }
+}
+
+fn layer_matmuls_in(c: &mut Criterion, dtype: GgmlDType) {
     let layers: Vec<(usize, FusedLinear)> = LAYER
         .iter()
         .enumerate()
@@ -116,13 +126,16 @@ fn layer_matmuls(c: &mut Criterion) {
             let parts = outs
                 .iter()
                 .enumerate()
-                .map(|(j, &n)| RawWeight::Dense(rand(n, k, (i * 8 + j) as u64)))
+                .map(|(j, &n)| {
+                    let w = rand(n, k, (i * 8 + j) as u64);
+                    RawWeight::Quantized(QTensor::quantize(&w, dtype).expect("quantize"))
+                })
                 .collect();
-            (k, FusedLinear::new(parts, None, WeightFormat::Q8_0, DType::F32).expect("layer"))
+            (k, FusedLinear::new(parts, None, WeightFormat::Native, DType::F32).expect("layer"))
         })
         .collect();
     let kernels = if own_cpu_kernels() { "inferd" } else { "candle" };
-    let mut group = c.benchmark_group(format!("layer_matmuls/q8_0/{kernels}"));
+    let mut group = c.benchmark_group(format!("layer_matmuls/{dtype:?}/{kernels}").to_lowercase());
     group.sample_size(10);
     for rows in [1usize, 32, 512] {
         let inputs: Vec<Tensor> = layers.iter().map(|(k, _)| rand(rows, *k, 99)).collect();
@@ -139,23 +152,32 @@ fn layer_matmuls(c: &mut Criterion) {
 }
 
 fn kernel_paths(c: &mut Criterion) {
+    for dtype in FORMATS {
+        kernel_paths_in(c, dtype);
+    }
+}
+
+fn kernel_paths_in(c: &mut Criterion, dtype: GgmlDType) {
     const ROWS: usize = 32;
-    let layer: Vec<(usize, PackedQ8)> = LAYER
+    let layer: Vec<(usize, PackedMatrix)> = LAYER
         .iter()
         .enumerate()
         .map(|(i, &(k, outs))| {
             let n: usize = outs.iter().sum();
-            let w = rand(n, k, i as u64);
-            let q = candle_core::quantized::QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0)
-                .expect("quantize");
-            (k, PackedQ8::from_q8_0(&q.data().expect("bytes"), n, k).expect("pack"))
+            let q = QTensor::quantize(&rand(n, k, i as u64), dtype).expect("quantize");
+            let bytes = q.data().expect("bytes");
+            let packed = match dtype {
+                GgmlDType::Q8_0 => PackedMatrix::from_q8_0(&bytes, n, k),
+                _ => PackedMatrix::from_q4_1(&bytes, n, k),
+            };
+            (k, packed.expect("pack"))
         })
         .collect();
     let inputs: Vec<Vec<f32>> = layer
         .iter()
         .map(|(k, _)| rand(ROWS, *k, 7).flatten_all().and_then(|t| t.to_vec1()).expect("input"))
         .collect();
-    let mut group = c.benchmark_group("kernel_paths");
+    let mut group = c.benchmark_group(format!("kernel_paths/{dtype:?}").to_lowercase());
     group.sample_size(10);
     group.throughput(Throughput::Elements(layer_macs_per_row() * ROWS as u64));
     for isa in Isa::all_supported() {

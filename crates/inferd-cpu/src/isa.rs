@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 pub enum Isa {
     /// 512-bit registers and `vpdpbusd` (Ice Lake, Sapphire Rapids, Zen 4 and later).
     Avx512Vnni,
-    /// 256-bit registers, `vpmaddubsw` and FMA (Haswell, Zen 1 and later).
+    /// 256-bit registers, `vpmaddubsw`, FMA and F16C (Haswell, Zen 1 and later).
     Avx2,
     /// Plain Rust for any other CPU.
     Scalar,
@@ -49,7 +49,7 @@ impl Isa {
             use std::arch::is_x86_feature_detected as has;
             match self {
                 Isa::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
-                Isa::Avx2 => has!("avx2") && has!("fma"),
+                Isa::Avx2 => has!("avx2") && has!("fma") && has!("f16c"),
                 Isa::Scalar => true,
             }
         }

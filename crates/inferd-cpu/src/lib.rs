@@ -1,15 +1,15 @@
 //! inferd's CPU kernels.
 //!
-//! A linear layer's Q8_0 weights are packed once, at load, into tiles of 16
-//! output rows whose bytes are interleaved for the int8 dot-product
-//! instructions (see [`q8`]); each matmul quantizes its input rows to int8
-//! once and runs every tile on the pool of compute threads ([`pool`]). The
-//! instruction set is chosen at run time ([`Isa`]): AVX-512 VNNI, AVX2, or a
-//! portable scalar path that is also the reference the others are tested
-//! against.
+//! A linear layer's Q8_0 or Q4_1 weights are packed once, at load, into
+//! tiles of 16 output rows whose bytes are interleaved for the int8
+//! dot-product instructions (see [`packed`]); each matmul quantizes its
+//! input rows to int8 once and runs every tile on the pool of compute
+//! threads ([`pool`]). The instruction set is chosen at run time ([`Isa`]):
+//! AVX-512 VNNI, AVX2, or a portable scalar path that is also the reference
+//! the others are tested against.
 
+pub mod packed;
 pub mod pool;
-pub mod q8;
 
 mod isa;
 mod scalar;
@@ -17,5 +17,5 @@ mod scalar;
 mod x86;
 
 pub use isa::Isa;
+pub use packed::{PackedMatrix, Packing, QuantizedRows};
 pub use pool::Pool;
-pub use q8::{PackedQ8, QuantizedRows};

@@ -1,10 +1,12 @@
-//! The x86-64 kernels: AVX-512 VNNI and AVX2. Each computes exactly what
-//! `scalar` does: the same integer sums, then per block one multiply of the
-//! two scales and one fused multiply-add into the row's accumulator.
+//! The x86-64 kernels: AVX-512 VNNI and AVX2, for Q8_0 and Q4_1 tiles
+//! (`Q4` picks the format at compile time). Each computes exactly what
+//! `scalar` does: the same integer sums, then per block the same multiply
+//! of the two scales and the same fused multiply-adds into the row's
+//! accumulator.
 
 use std::arch::x86_64::*;
 
-use crate::q8::{LINES, Line, QK, QuantizedRows, TILE, TileJob};
+use crate::packed::{BlockOut, LINES, Line, Q4_LINES, QK, QuantizedRows, TILE, TileJob};
 
 /// Rows of input the one-tile AVX-512 kernel takes per pass over a tile.
 const MR: usize = 8;
@@ -19,9 +21,10 @@ const MR2: usize = 4;
 ///
 /// # Safety
 /// The CPU must support AVX-512F, AVX-512BW and AVX-512 VNNI; the job's
-/// output bounds hold (see [`TileJob`]).
+/// output bounds hold (see [`TileJob`]); the tiles are Q4_1 when `Q4`,
+/// else Q8_0.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) unsafe fn tiles_avx512(job: TileJob<'_>) {
+pub(crate) unsafe fn tiles_avx512<const Q4: bool>(job: TileJob<'_>) {
     let (lines, scales) = job.view.tile(job.t);
     let second = job.pair.then(|| job.view.tile(job.t + 1));
     let (m, ldo) = (job.rows.m, job.ldo);
@@ -38,25 +41,25 @@ pub(crate) unsafe fn tiles_avx512(job: TileJob<'_>) {
                 // chain per row; splitting a block's lines over several
                 // accumulators keeps the multiply-add units busy.
                 None => match n {
-                    1 => rows_avx512::<1, 4>(a),
-                    2 => rows_avx512::<2, 2>(a),
-                    3 => rows_avx512::<3, 2>(a),
-                    4 => rows_avx512::<4, 1>(a),
-                    5 => rows_avx512::<5, 1>(a),
-                    6 => rows_avx512::<6, 1>(a),
-                    7 => rows_avx512::<7, 1>(a),
-                    _ => rows_avx512::<8, 1>(a),
+                    1 => rows_avx512::<Q4, 1, 4>(a),
+                    2 => rows_avx512::<Q4, 2, 2>(a),
+                    3 => rows_avx512::<Q4, 3, 2>(a),
+                    4 => rows_avx512::<Q4, 4, 1>(a),
+                    5 => rows_avx512::<Q4, 5, 1>(a),
+                    6 => rows_avx512::<Q4, 6, 1>(a),
+                    7 => rows_avx512::<Q4, 7, 1>(a),
+                    _ => rows_avx512::<Q4, 8, 1>(a),
                 },
                 Some((lines, scales)) => {
                     let b = Args { lines, scales, out: out.wrapping_add(TILE), cols: job.cols, ..a };
                     match n {
                         1 => {
-                            rows_avx512::<1, 4>(a);
-                            rows_avx512::<1, 4>(b);
+                            rows_avx512::<Q4, 1, 4>(a);
+                            rows_avx512::<Q4, 1, 4>(b);
                         }
-                        2 => pair_avx512::<2>(a, b),
-                        3 => pair_avx512::<3>(a, b),
-                        _ => pair_avx512::<4>(a, b),
+                        2 => pair_avx512::<Q4, 2>(a, b),
+                        3 => pair_avx512::<Q4, 3>(a, b),
+                        _ => pair_avx512::<Q4, 4>(a, b),
                     }
                 }
             }
@@ -77,25 +80,79 @@ struct Args<'a> {
     cols: usize,
 }
 
+/// Block `blk`'s lines of a tile: eight Q8_0 value lines, or Q4_1's scale
+/// line and four nibble lines.
+#[inline(always)]
+fn block_lines<const Q4: bool>(lines: &[Line], blk: usize) -> &[Line] {
+    if Q4 { &lines[blk * Q4_LINES..(blk + 1) * Q4_LINES] } else { &lines[blk * LINES..(blk + 1) * LINES] }
+}
+
+/// Operand `g` of a block: values `4g..4g+4` of each of the tile's 16 rows
+/// as unsigned bytes. Q4_1 keeps values `4g..` in the low nibbles of line
+/// `g` for `g < 4`, and `4g..` for `g >= 4` in the high nibbles of line `g - 4`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn operand<const Q4: bool>(block: &[Line], g: usize) -> __m512i {
+    if Q4 {
+        // SAFETY: a `Line` is 64 bytes, aligned to 64.
+        let v = unsafe { _mm512_load_si512(block[1 + g % 4].0.as_ptr().cast()) };
+        let v = if g < 4 { v } else { _mm512_srli_epi16::<4>(v) };
+        _mm512_and_si512(v, _mm512_set1_epi8(0x0F))
+    } else {
+        // SAFETY: as above.
+        unsafe { _mm512_load_si512(block[g].0.as_ptr().cast()) }
+    }
+}
+
+/// A block's per-row weight scales: Q8_0's (and zeros), or Q4_1's `d` and `m`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn block_scales<const Q4: bool>(block: &[Line], scales: &[f32], blk: usize) -> (__m512, __m512) {
+    if Q4 {
+        // SAFETY: a `Line` is 64 bytes, aligned to 64: 16 f16 `d`, then 16 f16 `m`.
+        let v = unsafe { _mm512_load_si512(block[0].0.as_ptr().cast()) };
+        (_mm512_cvtph_ps(_mm512_castsi512_si256(v)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(v)))
+    } else {
+        let s = &scales[blk * TILE..(blk + 1) * TILE];
+        // SAFETY: `s` holds 16 floats.
+        (unsafe { _mm512_loadu_ps(s.as_ptr()) }, _mm512_setzero_ps())
+    }
+}
+
+/// Adds one input row's block (at `at` in the rows' per-block figures)
+/// into its accumulator, from the block's integer sums and weight scales.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn accumulate<const Q4: bool>(
+    acc: __m512,
+    sum: __m512i,
+    (dw, mw): (__m512, __m512),
+    rows: &QuantizedRows,
+    at: usize,
+) -> __m512 {
+    let dd = _mm512_mul_ps(dw, _mm512_set1_ps(rows.d[at]));
+    if Q4 {
+        let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), dd, acc);
+        _mm512_fmadd_ps(mw, _mm512_set1_ps(rows.s[at]), acc)
+    } else {
+        let sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(rows.c[at]));
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), dd, acc)
+    }
+}
+
 /// `R` input rows against two tiles at once.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn pair_avx512<const R: usize>(a: Args<'_>, b: Args<'_>) {
+unsafe fn pair_avx512<const Q4: bool, const R: usize>(a: Args<'_>, b: Args<'_>) {
     let (k, nb) = (a.rows.k, a.nb);
     debug_assert!(a.r0 + R <= a.rows.m);
     let q = a.rows.q.as_ptr().wrapping_add(a.r0 * k);
-    let d = &a.rows.d[a.r0 * nb..];
-    let c = &a.rows.c[a.r0 * nb..];
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for blk in 0..nb {
         let mut sums = [[_mm512_setzero_si512(); 2]; R];
-        let (lines_a, lines_b) =
-            (&a.lines[blk * LINES..(blk + 1) * LINES], &b.lines[blk * LINES..(blk + 1) * LINES]);
-        for (g, (line_a, line_b)) in lines_a.iter().zip(lines_b).enumerate() {
-            // SAFETY: a `Line` is 64 bytes, aligned to 64.
-            let (wa, wb) = unsafe {
-                (_mm512_load_si512(line_a.0.as_ptr().cast()), _mm512_load_si512(line_b.0.as_ptr().cast()))
-            };
+        let (block_a, block_b) = (block_lines::<Q4>(a.lines, blk), block_lines::<Q4>(b.lines, blk));
+        for g in 0..LINES {
+            let (wa, wb) = (operand::<Q4>(block_a, g), operand::<Q4>(block_b, g));
             for (i, s) in sums.iter_mut().enumerate() {
                 // SAFETY: row r0+i < m has k values; blk*32+g*4+4 <= k.
                 let x = _mm512_set1_epi32(unsafe {
@@ -105,20 +162,11 @@ unsafe fn pair_avx512<const R: usize>(a: Args<'_>, b: Args<'_>) {
                 s[1] = _mm512_dpbusd_epi32(s[1], wb, x);
             }
         }
-        // SAFETY: a tile holds TILE scales per block.
-        let dw = unsafe {
-            [
-                _mm512_loadu_ps(a.scales.as_ptr().add(blk * TILE)),
-                _mm512_loadu_ps(b.scales.as_ptr().add(blk * TILE)),
-            ]
-        };
+        let w = [block_scales::<Q4>(block_a, a.scales, blk), block_scales::<Q4>(block_b, b.scales, blk)];
         for (i, s) in sums.iter().enumerate() {
-            let cx = _mm512_set1_epi32(c[i * nb + blk]);
-            let dx = _mm512_set1_ps(d[i * nb + blk]);
+            let at = (a.r0 + i) * nb + blk;
             for h in 0..2 {
-                let sum = _mm512_sub_epi32(s[h], cx);
-                let dd = _mm512_mul_ps(dw[h], dx);
-                acc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), dd, acc[i][h]);
+                acc[i][h] = accumulate::<Q4>(acc[i][h], s[h], w[h], a.rows, at);
             }
         }
     }
@@ -136,35 +184,29 @@ unsafe fn pair_avx512<const R: usize>(a: Args<'_>, b: Args<'_>) {
 /// `R` input rows against one tile, with `C` accumulators per row.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn rows_avx512<const R: usize, const C: usize>(a: Args<'_>) {
+unsafe fn rows_avx512<const Q4: bool, const R: usize, const C: usize>(a: Args<'_>) {
     let (k, nb) = (a.rows.k, a.nb);
     debug_assert!(a.r0 + R <= a.rows.m);
     let q = a.rows.q.as_ptr().wrapping_add(a.r0 * k);
-    let d = &a.rows.d[a.r0 * nb..];
-    let c = &a.rows.c[a.r0 * nb..];
     let mut acc = [_mm512_setzero_ps(); R];
-    for b in 0..nb {
+    for blk in 0..nb {
         let mut sums = [[_mm512_setzero_si512(); C]; R];
-        let lines = &a.lines[b * LINES..(b + 1) * LINES];
-        for (g, line) in lines.iter().enumerate() {
-            // SAFETY: a `Line` is 64 bytes, aligned to 64.
-            let w = unsafe { _mm512_load_si512(line.0.as_ptr().cast()) };
+        let block = block_lines::<Q4>(a.lines, blk);
+        for g in 0..LINES {
+            let w = operand::<Q4>(block, g);
             for (i, s) in sums.iter_mut().enumerate() {
-                // SAFETY: row r0+i < m has k values; b*32+g*4+4 <= k.
-                let x = unsafe { q.add(i * k + b * QK + g * 4).cast::<i32>().read_unaligned() };
+                // SAFETY: row r0+i < m has k values; blk*32+g*4+4 <= k.
+                let x = unsafe { q.add(i * k + blk * QK + g * 4).cast::<i32>().read_unaligned() };
                 s[g % C] = _mm512_dpbusd_epi32(s[g % C], w, _mm512_set1_epi32(x));
             }
         }
-        // SAFETY: a tile holds TILE scales per block.
-        let dw = unsafe { _mm512_loadu_ps(a.scales.as_ptr().add(b * TILE)) };
+        let w = block_scales::<Q4>(block, a.scales, blk);
         for (i, s) in sums.iter().enumerate() {
             let mut sum = s[0];
             for part in &s[1..] {
                 sum = _mm512_add_epi32(sum, *part);
             }
-            let sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(c[i * nb + b]));
-            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(d[i * nb + b]));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), dd, acc[i]);
+            acc[i] = accumulate::<Q4>(acc[i], sum, w, a.rows, (a.r0 + i) * nb + blk);
         }
     }
     let mask: __mmask16 = if a.cols >= TILE { !0 } else { (1u16 << a.cols) - 1 };
@@ -174,44 +216,77 @@ unsafe fn rows_avx512<const R: usize, const C: usize>(a: Args<'_>) {
     }
 }
 
-/// A job's tile times every row of its input on AVX2: each 64-byte line is
-/// two halves of eight rows; `vpmaddubsw` wants one unsigned operand and
-/// saturates at 16 bits, so the activation's absolute value is the unsigned
-/// side and its sign moves onto the (signed) weight.
+/// A job's tile times every row of its input on AVX2. Each 64-byte line is
+/// two halves of eight rows. `vpmaddubsw` wants one unsigned operand and
+/// saturates at 16 bits: for Q8_0 the activation's absolute value is the
+/// unsigned side and its sign moves onto the (signed) weight; Q4_1's
+/// nibbles are unsigned already, and 2 × 15 × 127 cannot saturate.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; the job's output bounds hold.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn tile_avx2(job: TileJob<'_>) {
+/// The CPU must support AVX2, FMA and F16C; the job's output bounds hold;
+/// the tile is Q4_1 when `Q4`, else Q8_0.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_avx2<const Q4: bool>(job: TileJob<'_>) {
     let TileJob { view, t, rows, out, ldo, cols, .. } = job;
     let (lines, scales) = view.tile(t);
     let (k, nb) = (rows.k, view.nb);
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(-128);
+    let nibble = _mm256_set1_epi8(0x0F);
+    // Pairs of unsigned and signed bytes, multiplied and summed into i32 lanes.
+    let dot = |u: __m256i, s: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones);
     for r in 0..rows.m {
         let q = rows.q.as_ptr().wrapping_add(r * k);
+        // SAFETY: row r has k values; offsets below stay under k.
+        let x_at = |at: usize| _mm256_set1_epi32(unsafe { q.add(at).cast::<i32>().read_unaligned() });
         let mut acc = [_mm256_setzero_ps(); 2];
         for b in 0..nb {
+            let block = block_lines::<Q4>(lines, b);
             let mut sums = [_mm256_setzero_si256(); 2];
-            for g in 0..LINES {
-                // SAFETY: b*32+g*4+4 <= k.
-                let x = _mm256_set1_epi32(unsafe { q.add(b * QK + g * 4).cast::<i32>().read_unaligned() });
-                let ax = _mm256_sign_epi8(x, x);
-                let line = lines[b * LINES + g].0.as_ptr();
-                for (h, s) in sums.iter_mut().enumerate() {
-                    // SAFETY: each half of a 64-byte line is 32 bytes.
-                    let w = unsafe { _mm256_loadu_si256(line.add(h * 32).cast()) };
-                    let w = _mm256_sign_epi8(_mm256_xor_si256(w, flip), x);
-                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, w), ones));
+            if Q4 {
+                for h in 0..QK / 8 {
+                    let (lo_x, hi_x) = (x_at(b * QK + h * 4), x_at(b * QK + QK / 2 + h * 4));
+                    for (half, s) in sums.iter_mut().enumerate() {
+                        // SAFETY: each half of a 64-byte line is 32 bytes.
+                        let w = unsafe { _mm256_loadu_si256(block[1 + h].0.as_ptr().add(half * 32).cast()) };
+                        let lo = _mm256_and_si256(w, nibble);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
+                        *s = _mm256_add_epi32(*s, dot(lo, lo_x));
+                        *s = _mm256_add_epi32(*s, dot(hi, hi_x));
+                    }
+                }
+            } else {
+                for (g, line) in block.iter().enumerate() {
+                    let x = x_at(b * QK + g * 4);
+                    let ax = _mm256_sign_epi8(x, x);
+                    for (half, s) in sums.iter_mut().enumerate() {
+                        // SAFETY: each half of a 64-byte line is 32 bytes.
+                        let w = unsafe { _mm256_loadu_si256(line.0.as_ptr().add(half * 32).cast()) };
+                        let w = _mm256_sign_epi8(_mm256_xor_si256(w, flip), x);
+                        *s = _mm256_add_epi32(*s, dot(ax, w));
+                    }
                 }
             }
             let dx = _mm256_set1_ps(rows.d[r * nb + b]);
-            for (h, s) in sums.iter().enumerate() {
-                // SAFETY: a tile holds TILE scales per block.
-                let dw = unsafe { _mm256_loadu_ps(scales.as_ptr().add(b * TILE + h * 8)) };
-                // The weights were taken back to signed values above, so
-                // the sum needs no offset correction.
-                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), _mm256_mul_ps(dw, dx), acc[h]);
+            for (half, s) in sums.iter().enumerate() {
+                if Q4 {
+                    let at = block[0].0.as_ptr();
+                    // SAFETY: the scale line holds 16 f16 `d` then 16 f16 `m`.
+                    let (dw, mw) = unsafe {
+                        (
+                            _mm256_cvtph_ps(_mm_loadu_si128(at.add(half * 16).cast())),
+                            _mm256_cvtph_ps(_mm_loadu_si128(at.add(32 + half * 16).cast())),
+                        )
+                    };
+                    let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), _mm256_mul_ps(dw, dx), acc[half]);
+                    acc[half] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows.s[r * nb + b]), a);
+                } else {
+                    // SAFETY: a tile holds TILE scales per block.
+                    let dw = unsafe { _mm256_loadu_ps(scales.as_ptr().add(b * TILE + half * 8)) };
+                    // The weights were taken back to signed values above, so
+                    // the sum needs no offset correction.
+                    acc[half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), _mm256_mul_ps(dw, dx), acc[half]);
+                }
             }
         }
         let mut row = [0f32; TILE];
@@ -233,7 +308,7 @@ pub(crate) unsafe fn tile_avx2(job: TileJob<'_>) {
 /// # Safety
 /// The CPU must support AVX-512F and AVX-512BW.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], c: &mut [i32]) {
+pub(crate) unsafe fn quantize_row_avx512(x: &[f32], mut out: BlockOut<'_>) {
     for (b, xs) in x.chunks_exact(QK).enumerate() {
         // SAFETY: a chunk holds 32 floats.
         let (v0, v1) = unsafe { (_mm512_loadu_ps(xs.as_ptr()), _mm512_loadu_ps(xs.as_ptr().add(16))) };
@@ -242,13 +317,12 @@ pub(crate) unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], d: &mut [f32],
         let inv = _mm512_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
         let i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
         let i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-        let dst = q[b * QK..(b + 1) * QK].as_mut_ptr();
+        let dst = out.q[b * QK..(b + 1) * QK].as_mut_ptr();
         // SAFETY: the block's 32 bytes of `q`.
         unsafe {
             _mm_storeu_si128(dst.cast(), _mm512_cvtepi32_epi8(i0));
             _mm_storeu_si128(dst.add(16).cast(), _mm512_cvtepi32_epi8(i1));
         }
-        d[b] = scale;
-        c[b] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        out.block(b, scale, _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
     }
 }

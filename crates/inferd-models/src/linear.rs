@@ -1,13 +1,15 @@
 //! Linear layers in the weight format and compute dtype chosen at load.
-//! candle's CPU kernels differ widely in speed by weight format, so the
-//! format is a load option: `native` keeps the file's quantization, `q8_0`
-//! requantizes (its AVX-512 VNNI path on the CPU needs inner dimensions that
-//! are multiples of 256), `dense` dequantizes to the compute dtype for the
-//! batched GEMM. Quantized matmuls take activations in any float dtype.
+//! Kernels differ widely in speed by weight format, so the format is a load
+//! option: `native` keeps the file's quantization, `q8_0` requantizes
+//! (candle's AVX-512 VNNI path on the CPU needs inner dimensions that are
+//! multiples of 256), `dense` dequantizes to the compute dtype for the
+//! batched GEMM, and `auto` keeps Q8_0 and Q4_1 as stored and requantizes
+//! anything else to Q8_0. Quantized matmuls take activations in any float
+//! dtype.
 //!
-//! On the CPU, Q8_0 matrices run on inferd's own kernels (`inferd-cpu`):
-//! packed once here, at load, for int8 dot products, with each input
-//! quantized once per matmul. `INFERD_CPU_MATMUL=candle` keeps candle's
+//! On the CPU, Q8_0 and Q4_1 matrices run on inferd's own kernels
+//! (`inferd-cpu`): packed once here, at load, for int8 dot products, with
+//! each input quantized once per matmul. `INFERD_CPU_MATMUL=candle` keeps candle's
 //! kernels instead (to compare the two).
 
 use std::borrow::Cow;
@@ -16,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
-use inferd_cpu::PackedQ8;
+use inferd_cpu::PackedMatrix;
 
 /// How weights are held for compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,6 +30,27 @@ pub enum WeightFormat {
     Q8_0,
     /// Every matrix dequantized to the compute dtype (`f32` on the CPU).
     Dense,
+    /// The formats inferd's CPU kernels run: Q8_0 and Q4_1 matrices as
+    /// stored, every other one requantized to Q8_0. On another device, as
+    /// [`Native`](WeightFormat::Native).
+    Auto,
+}
+
+impl WeightFormat {
+    /// The format one matrix on `device` takes: [`Auto`](WeightFormat::Auto)
+    /// resolved, any other format as it is.
+    pub fn resolve(self, w: &RawWeight, device: &Device) -> WeightFormat {
+        match (self, w) {
+            (WeightFormat::Auto, _) if !device.is_cpu() => WeightFormat::Native,
+            (WeightFormat::Auto, RawWeight::Quantized(q))
+                if matches!(q.dtype(), GgmlDType::Q8_0 | GgmlDType::Q4_1) =>
+            {
+                WeightFormat::Native
+            }
+            (WeightFormat::Auto, _) => WeightFormat::Q8_0,
+            (f, _) => f,
+        }
+    }
 }
 
 impl FromStr for WeightFormat {
@@ -37,7 +60,8 @@ impl FromStr for WeightFormat {
             "native" => Ok(WeightFormat::Native),
             "q8_0" | "q8" => Ok(WeightFormat::Q8_0),
             "dense" | "f32" => Ok(WeightFormat::Dense),
-            other => Err(format!("unknown weight format {other:?} (expected native, q8_0 or dense)")),
+            "auto" => Ok(WeightFormat::Auto),
+            other => Err(format!("unknown weight format {other:?} (expected auto, native, q8_0 or dense)")),
         }
     }
 }
@@ -96,6 +120,7 @@ impl RawWeight {
     /// Converts to the weight format with `pad` zero columns appended (the
     /// input then needs `pad` zeros appended too). Only q8_0 pads.
     pub fn into_matmul_padded(self, format: WeightFormat, dtype: DType, pad: usize) -> Result<QMatMul> {
+        let format = format.resolve(&self, &self.device());
         if pad > 0 && format == WeightFormat::Q8_0 {
             let w = self.to_dtype(DType::F32)?.pad_with_zeros(1, 0, pad)?;
             return QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?);
@@ -203,7 +228,8 @@ impl FusedLinear {
         let pad = if own {
             0
         } else {
-            out_sizes.iter().map(|&n| repack_padding(format, k, n, &device)).min().unwrap_or(0)
+            let formats = parts.iter().map(|p| format.resolve(p, &device));
+            out_sizes.iter().zip(formats).map(|(&n, f)| repack_padding(f, k, n, &device)).min().unwrap_or(0)
         };
         let mats = parts
             .into_iter()
@@ -218,10 +244,15 @@ impl FusedLinear {
             mats
         };
         let (weights, packed) = match weights.as_slice() {
-            [QMatMul::QTensor(q)] if own && q.dtype() == GgmlDType::Q8_0 => {
+            [QMatMul::QTensor(q)] if own && matches!(q.dtype(), GgmlDType::Q8_0 | GgmlDType::Q4_1) => {
                 let (n, k) = q.shape().dims2()?;
-                let p = PackedQ8::from_q8_0(&q.data()?, n, k).map_err(candle_core::Error::msg)?;
-                (Vec::new(), Some(PackedMatmul(Arc::new(p))))
+                let bytes = q.data()?;
+                let p = if q.dtype() == GgmlDType::Q8_0 {
+                    PackedMatrix::from_q8_0(&bytes, n, k)
+                } else {
+                    PackedMatrix::from_q4_1(&bytes, n, k)
+                };
+                (Vec::new(), Some(PackedMatmul(Arc::new(p.map_err(candle_core::Error::msg)?))))
             }
             _ => (weights, None),
         };
@@ -279,7 +310,7 @@ thread_local! {
     static KERNELS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-/// Whether Q8_0 matrices on the CPU run on inferd's kernels (the default)
+/// Whether Q8_0 and Q4_1 matrices on the CPU run on inferd's kernels (the default)
 /// rather than candle's (`INFERD_CPU_MATMUL=candle`).
 pub fn own_cpu_kernels() -> bool {
     static OWN: OnceLock<bool> = OnceLock::new();
@@ -300,14 +331,14 @@ pub fn with_cpu_kernels<R>(own: bool, f: impl FnOnce() -> R) -> R {
     out
 }
 
-/// A packed Q8_0 matrix as a candle op on CPU tensors: `(T, k)` f32 in,
+/// A packed matrix as a candle op on CPU tensors: `(T, k)` f32 in,
 /// `(T, n)` f32 out.
 #[derive(Debug, Clone)]
-struct PackedMatmul(Arc<PackedQ8>);
+struct PackedMatmul(Arc<PackedMatrix>);
 
 impl CustomOp1 for PackedMatmul {
     fn name(&self) -> &'static str {
-        "inferd-q8_0-matmul"
+        "inferd-packed-matmul"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -379,18 +410,54 @@ mod tests {
 
     #[test]
     fn own_kernels_are_at_least_as_close_to_f32_as_candles() -> Result<()> {
-        // The same Q8_0 weights through both kernels: inferd keeps each
+        // The same quantized weights through both kernels, against the
+        // dequantized weights times the unquantized input: inferd keeps each
         // input block's scale in f32 where candle rounds it to f16.
         let w = rand((256, 576), 21)?;
         let x = (rand((16, 576), 22)? * 3.0)?;
-        let exact = x.matmul(&w.t()?)?;
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-        let candle = QMatMul::from_qtensor(copy(&q)?)?.forward(&x)?;
-        let ours = PackedQ8::from_q8_0(&q.data()?, 256, 576).map_err(candle_core::Error::msg)?;
-        let ours = Tensor::from_vec(ours.forward(&x.flatten_all()?.to_vec1()?, 16), (16, 256), &Device::Cpu)?;
-        let err = |y: &Tensor| -> Result<f32> { (y - &exact)?.sqr()?.sum_all()?.sqrt()?.to_scalar() };
-        let (e_ours, e_candle) = (err(&ours)?, err(&candle)?);
-        assert!(e_ours <= e_candle * 1.001, "inferd {e_ours} vs candle {e_candle}");
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let q = QTensor::quantize(&w, dtype)?;
+            let exact = x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?;
+            let candle = QMatMul::from_qtensor(copy(&q)?)?.forward(&x)?;
+            let packed = match dtype {
+                GgmlDType::Q8_0 => PackedMatrix::from_q8_0(&q.data()?, 256, 576),
+                _ => PackedMatrix::from_q4_1(&q.data()?, 256, 576),
+            };
+            let ours = packed.map_err(candle_core::Error::msg)?.forward(&x.flatten_all()?.to_vec1()?, 16);
+            let ours = Tensor::from_vec(ours, (16, 256), &Device::Cpu)?;
+            let err = |y: &Tensor| -> Result<f32> { (y - &exact)?.sqr()?.sum_all()?.sqrt()?.to_scalar() };
+            let (e_ours, e_candle) = (err(&ours)?, err(&candle)?);
+            assert!(e_ours <= e_candle * 1.001, "{dtype:?}: inferd {e_ours} vs candle {e_candle}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn auto_keeps_what_the_cpu_kernels_run_and_requantizes_the_rest() -> Result<()> {
+        let w = rand((32, 256), 31)?;
+        let quantized =
+            |dtype| -> Result<RawWeight> { Ok(RawWeight::Quantized(QTensor::quantize(&w, dtype)?)) };
+        let cpu = Device::Cpu;
+        for (raw, want) in [
+            (quantized(GgmlDType::Q4_1)?, WeightFormat::Native),
+            (quantized(GgmlDType::Q8_0)?, WeightFormat::Native),
+            (quantized(GgmlDType::Q4K)?, WeightFormat::Q8_0),
+            (RawWeight::Dense(w.clone()), WeightFormat::Q8_0),
+        ] {
+            assert_eq!(WeightFormat::Auto.resolve(&raw, &cpu), want);
+            let stored = match &raw {
+                RawWeight::Quantized(q) if want == WeightFormat::Native => q.dtype(),
+                _ => GgmlDType::Q8_0,
+            };
+            match raw.into_matmul(WeightFormat::Auto, DType::F32)? {
+                QMatMul::QTensor(q) => assert_eq!(q.dtype(), stored),
+                other => panic!("auto kept a quantized format, got {other:?}"),
+            }
+        }
+        for f in [WeightFormat::Native, WeightFormat::Q8_0, WeightFormat::Dense] {
+            assert_eq!(f.resolve(&RawWeight::Dense(w.clone()), &cpu), f, "only auto resolves");
+        }
+        assert_eq!("auto".parse::<WeightFormat>(), Ok(WeightFormat::Auto));
         Ok(())
     }
 

@@ -148,7 +148,7 @@ impl Llama {
         let lm_head = match weights.lm_head {
             Some(head) => head,
             None => match &weights.embed {
-                RawWeight::Quantized(q) if format == WeightFormat::Native => {
+                RawWeight::Quantized(q) if format.resolve(&weights.embed, device) == WeightFormat::Native => {
                     RawWeight::Quantized(copy_qtensor(q)?)
                 }
                 w => RawWeight::Dense(w.to_dtype(dtype)?),
@@ -219,8 +219,8 @@ fn copy_qtensor(q: &candle_core::quantized::QTensor) -> Result<candle_core::quan
     candle_core::quantized::QTensor::new(storage, q.shape())
 }
 
-/// The embedding table: kept quantized in native and q8_0 formats (rows are
-/// dequantized on lookup), dense in the compute dtype otherwise.
+/// The embedding table: kept quantized in the auto, native and q8_0 formats
+/// (rows are dequantized on lookup), dense in the compute dtype otherwise.
 fn embedding_table(w: RawWeight, format: WeightFormat, dtype: DType) -> Result<QMatMul> {
     match (format, w) {
         (WeightFormat::Dense, w) => Ok(QMatMul::Tensor(w.to_dtype(dtype)?)),

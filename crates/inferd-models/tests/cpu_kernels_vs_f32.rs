@@ -3,6 +3,9 @@
 //! Q8_0 kernels are, in f32 and in bf16 compute. Both use the same Q8_0
 //! weights; they differ in how activations are quantized (inferd keeps each
 //! block's scale in f32, candle rounds it to f16) and in summation order.
+//! And the default `auto` format, which runs the file's own Q4_1 weights on
+//! inferd's Q4_1 kernel, is closer still than requantizing them to Q8_0, and
+//! at least as close as candle's Q4_1 kernel on the same weights.
 
 use candle_core::DType;
 use inferd_models::linear::with_cpu_kernels;
@@ -38,14 +41,20 @@ fn top1_agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> usize {
     a.iter().zip(b).filter(|(x, y)| argmax(x) == argmax(y)).count()
 }
 
-#[test]
-fn own_q8_0_kernels_are_at_least_as_close_to_f32_as_candles() {
+/// 52 tokens of ordinary English.
+fn text_tokens() -> Vec<u32> {
     let (tok, _) = load_text(&smollm2_path()).expect("tokenizer");
     let text = "The Eiffel Tower was built for the 1889 World's Fair in Paris. At first many \
                 artists disliked it, but it soon became the symbol of the city, and today \
                 millions of visitors climb its stairs or ride its lifts every year.";
     let tokens = tok.encode(text).expect("encode");
     assert!(tokens.len() > 30);
+    tokens
+}
+
+#[test]
+fn own_q8_0_kernels_are_at_least_as_close_to_f32_as_candles() {
+    let tokens = text_tokens();
     let reference = logits(WeightFormat::Dense, DType::F32, true, &tokens);
     for dtype in [DType::F32, DType::BF16] {
         let ours = logits(WeightFormat::Q8_0, dtype, true, &tokens);
@@ -61,5 +70,30 @@ fn own_q8_0_kernels_are_at_least_as_close_to_f32_as_candles() {
         // kernels' errors differ by summation order only.
         assert!(e_ours <= e_candle * 1.03, "{dtype:?}: inferd {e_ours} vs candle {e_candle}");
         assert!(a_ours + 1 >= a_candle, "{dtype:?}: top-1 agreement {a_ours} vs {a_candle}");
+    }
+}
+
+#[test]
+fn the_files_own_q4_1_weights_are_closer_to_f32_than_a_q8_0_requantization() {
+    let tokens = text_tokens();
+    let reference = logits(WeightFormat::Dense, DType::F32, true, &tokens);
+    for dtype in [DType::F32, DType::BF16] {
+        let auto = logits(WeightFormat::Auto, dtype, true, &tokens);
+        let q8 = logits(WeightFormat::Q8_0, dtype, true, &tokens);
+        let candle = logits(WeightFormat::Native, dtype, false, &tokens);
+        let (e_auto, e_q8, e_candle) =
+            (rms(&auto, &reference), rms(&q8, &reference), rms(&candle, &reference));
+        let agree = |l: &[Vec<f32>]| top1_agreement(l, &reference);
+        eprintln!(
+            "{dtype:?}: logits rms error vs f32: auto (Q4_1 on inferd) {e_auto:.4}, q8_0 {e_q8:.4}, \
+             candle's Q4_1 {e_candle:.4}; top-1 agreement of {}: {}, {}, {}",
+            tokens.len(),
+            agree(&auto),
+            agree(&q8),
+            agree(&candle)
+        );
+        assert!(e_auto <= e_q8, "{dtype:?}: auto {e_auto} vs q8_0 {e_q8}");
+        assert!(e_auto <= e_candle * 1.03, "{dtype:?}: auto {e_auto} vs candle's Q4_1 {e_candle}");
+        assert!(agree(&auto) + 1 >= agree(&q8).max(agree(&candle)), "{dtype:?}: top-1 agreement");
     }
 }

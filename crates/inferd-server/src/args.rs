@@ -366,9 +366,11 @@ pub struct ServeArgs {
     /// KV cache element type: f32, f16, bf16, or auto (the compute dtype).
     #[arg(long, env = "INFERD_KV_CACHE_DTYPE", default_value = "auto")]
     pub kv_cache_dtype: AutoDType,
-    /// Weight format: q8_0, native (as stored) or dense (dequantized to the
-    /// compute dtype; `f32` is accepted for it).
-    #[arg(long, env = "INFERD_CPU_WEIGHTS", default_value = "q8_0")]
+    /// Weight format: auto (Q8_0 and Q4_1 as stored, for inferd's CPU
+    /// kernels, anything else requantized to Q8_0), q8_0, native (as
+    /// stored) or dense (dequantized to the compute dtype; `f32` is accepted
+    /// for it).
+    #[arg(long, env = "INFERD_CPU_WEIGHTS", default_value = "auto")]
     pub cpu_weights: WeightFormat,
     /// Weight format on a GPU: native (GGUF stays quantized for candle's
     /// quantized CUDA kernels) or dense (the compute dtype, for cuBLAS).
