@@ -192,5 +192,19 @@ fn kernel_paths_in(c: &mut Criterion, dtype: GgmlDType) {
     group.finish();
 }
 
-criterion_group!(benches, int8_peak, layer_matmuls, kernel_paths);
+fn pool_round_trip(c: &mut Criterion) {
+    let pool = Pool::global();
+    let mut group = c.benchmark_group("pool_round_trip");
+    group.sample_size(20).measurement_time(Duration::from_secs(2));
+    group.bench_function(BenchmarkId::new("threads", pool.threads()), |b| {
+        b.iter(|| {
+            pool.run(pool.threads(), |p| {
+                std::hint::black_box(p);
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, int8_peak, layer_matmuls, kernel_paths, pool_round_trip);
 criterion_main!(benches);

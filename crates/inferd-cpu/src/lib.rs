@@ -17,5 +17,5 @@ mod scalar;
 mod x86;
 
 pub use isa::Isa;
-pub use packed::{PackedMatrix, Packing, QuantizedRows};
+pub use packed::{PackedMatrix, Packing, QuantizedRows, RowSource};
 pub use pool::Pool;

@@ -204,32 +204,75 @@ impl PackedMatrix {
 
     /// As [`forward`](Self::forward), on a given path and pool.
     pub fn forward_on(&self, isa: Isa, pool: &Pool, x: &[f32], m: usize) -> Vec<f32> {
-        let rows = QuantizedRows::quantize_on(isa, pool, x, m, self.k);
-        let mut out = vec![0f32; m * self.n];
-        self.matmul_on(isa, pool, &rows, &mut out);
+        self.forward_from_on(isa, pool, RowSource::Plain(x), m)
+    }
+
+    /// The `m` input rows computed from `source` (see [`RowSource`]) times
+    /// the matrix's transpose, on the detected kernel path and the
+    /// process's pool.
+    pub fn forward_from(&self, source: RowSource<'_>, m: usize) -> Vec<f32> {
+        self.forward_from_on(Isa::detected(), Pool::global(), source, m)
+    }
+
+    /// As [`forward_from`](Self::forward_from), on a given path and pool.
+    pub fn forward_from_on(&self, isa: Isa, pool: &Pool, source: RowSource<'_>, m: usize) -> Vec<f32> {
+        let rows = QuantizedRows::from_source_on(isa, pool, source, m, self.k);
+        // Not zeroed first: the kernels write every element (at 512 rows
+        // the zeroing was 4 % of a layer's matmul time).
+        let mut out = Vec::with_capacity(m * self.n);
+        // SAFETY: `out` has room for `m * n` floats.
+        unsafe { self.matmul_raw(isa, pool, &rows, out.as_mut_ptr()) };
+        // SAFETY: `matmul_raw` wrote all of them.
+        unsafe { out.set_len(m * self.n) };
         out
     }
 
     /// Multiplies already quantized rows into `out` (`rows.m() * n`).
     pub fn matmul_on(&self, isa: Isa, pool: &Pool, rows: &QuantizedRows, out: &mut [f32]) {
-        assert_eq!(rows.k, self.k, "input width");
         assert_eq!(out.len(), rows.m * self.n, "output size");
+        // SAFETY: `out` holds `m * n` floats.
+        unsafe { self.matmul_raw(isa, pool, rows, out.as_mut_ptr()) }
+    }
+
+    /// Writes every one of the `rows.m() * n` outputs at `out`.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `rows.m() * n` floats.
+    unsafe fn matmul_raw(&self, isa: Isa, pool: &Pool, rows: &QuantizedRows, out: *mut f32) {
+        assert_eq!(rows.k, self.k, "input width");
         let tiles = self.n.div_ceil(TILE);
         let macs = rows.m * self.n * self.k;
         // Below a few hundred thousand multiply-adds a wake-up costs more than it saves.
         let parts = if macs < 1 << 18 { 1 } else { pool.threads().min(tiles) };
         // Tiles are handed out in chunks from a shared counter, so a thread
-        // that a noisy neighbour slows down takes fewer of them.
-        // Even, so the AVX-512 kernel can take its tiles in pairs.
-        let chunk = (tiles / (parts * 4)).max(1).next_multiple_of(2);
+        // that a noisy neighbour slows down takes fewer of them. Chunks
+        // shrink as the tiles run out (each takes a share of what is left),
+        // so the threads finish close together; they stay even, so the
+        // AVX-512 kernel can take its tiles in pairs.
         let next = AtomicUsize::new(0);
-        let out = SendPtr(out.as_mut_ptr());
+        let take = |start: usize| ((tiles - start) / (parts * 2)).max(1).next_multiple_of(2);
+        let out = SendPtr(out);
         let view = self.tiles();
         pool.run(parts, |_| {
             let out = &out;
             loop {
-                let start = next.fetch_add(chunk, Ordering::Relaxed);
-                if start >= tiles {
+                let mut start = next.load(Ordering::Relaxed);
+                let chunk = loop {
+                    if start >= tiles {
+                        break 0;
+                    }
+                    let chunk = take(start);
+                    match next.compare_exchange_weak(
+                        start,
+                        start + chunk,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => break chunk,
+                        Err(now) => start = now,
+                    }
+                };
+                if chunk == 0 {
                     break;
                 }
                 let end = (start + chunk).min(tiles);
@@ -315,12 +358,81 @@ impl std::fmt::Debug for QuantizedRows {
     }
 }
 
+/// What a matmul's input rows are computed from before they are quantized,
+/// so that the step before a matmul is fused into its quantization: one
+/// pass over the source, no intermediate tensor.
+#[derive(Clone, Copy)]
+pub enum RowSource<'a> {
+    /// `m` rows of `k` values, as they are.
+    Plain(&'a [f32]),
+    /// `m` rows of `k` values through RMSNorm: `x / sqrt(mean(x²) + eps) *
+    /// weight`, in f32 and in the order candle's `rms_norm` computes it,
+    /// so the fused step gives the same numbers as the unfused one.
+    RmsNorm { x: &'a [f32], weight: &'a [f32], eps: f32 },
+    /// `m` rows of `2k` values, gate then up, through SwiGLU: `silu(gate) *
+    /// up`, computed as candle's `silu` and multiply compute it.
+    SwiGlu(&'a [f32]),
+}
+
+impl std::fmt::Debug for RowSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RowSource::Plain(x) => write!(f, "Plain({} values)", x.len()),
+            RowSource::RmsNorm { x, eps, .. } => write!(f, "RmsNorm({} values, eps {eps})", x.len()),
+            RowSource::SwiGlu(x) => write!(f, "SwiGlu({} values)", x.len()),
+        }
+    }
+}
+
+impl RowSource<'_> {
+    /// Row `r` of `k` values: borrowed when plain, else computed into `scratch`.
+    fn row<'s>(&'s self, r: usize, k: usize, scratch: &'s mut [f32]) -> &'s [f32] {
+        match *self {
+            RowSource::Plain(x) => &x[r * k..(r + 1) * k],
+            RowSource::RmsNorm { x, weight, eps } => {
+                let x = &x[r * k..(r + 1) * k];
+                let sum2 = x.iter().map(|&v| v * v).sum::<f32>();
+                let rms = (sum2 / k as f32 + eps).sqrt();
+                for ((o, &v), &w) in scratch.iter_mut().zip(x).zip(weight) {
+                    *o = v / rms * w;
+                }
+                scratch
+            }
+            RowSource::SwiGlu(gate_up) => {
+                let (gate, up) = gate_up[r * 2 * k..(r + 1) * 2 * k].split_at(k);
+                for ((o, &g), &u) in scratch.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+                scratch
+            }
+        }
+    }
+
+    /// Checks the source's size for `m` rows of `k` outputs.
+    fn check(&self, m: usize, k: usize) {
+        match *self {
+            RowSource::Plain(x) => assert_eq!(x.len(), m * k, "input size"),
+            RowSource::RmsNorm { x, weight, .. } => {
+                assert_eq!(x.len(), m * k, "input size");
+                assert_eq!(weight.len(), k, "norm weight size");
+            }
+            RowSource::SwiGlu(gate_up) => assert_eq!(gate_up.len(), m * 2 * k, "gate and up size"),
+        }
+    }
+}
+
 impl QuantizedRows {
     /// Quantizes `m` rows of `k` values (`k` a multiple of 32), splitting
     /// large inputs over the pool.
     pub fn quantize_on(isa: Isa, pool: &Pool, x: &[f32], m: usize, k: usize) -> QuantizedRows {
+        QuantizedRows::from_source_on(isa, pool, RowSource::Plain(x), m, k)
+    }
+
+    /// Computes `m` rows of `k` values from `source` and quantizes them
+    /// (`k` a multiple of 32), splitting large inputs over the pool.
+    pub fn from_source_on(isa: Isa, pool: &Pool, source: RowSource<'_>, m: usize, k: usize) -> QuantizedRows {
         assert!(k.is_multiple_of(QK), "row width {k} is not a multiple of {QK}");
-        assert_eq!(x.len(), m * k, "input size");
+        source.check(m, k);
         let nb = k / QK;
         let mut rows = QuantizedRows {
             m,
@@ -340,8 +452,12 @@ impl QuantizedRows {
         );
         pool.run(parts, |p| {
             let (q, d, c, s) = (&q, &d, &c, &s);
+            let mut scratch = match source {
+                RowSource::Plain(_) => Vec::new(),
+                _ => vec![0f32; k],
+            };
             for r in p * per..((p + 1) * per).min(m) {
-                let xr = &x[r * k..(r + 1) * k];
+                let xr = source.row(r, k, &mut scratch);
                 // SAFETY: row `r` of each buffer is written by this part only,
                 // and the buffers outlive `run`.
                 let (qr, dr, cr, sr) = unsafe {
@@ -491,6 +607,42 @@ pub(crate) mod tests {
                 );
                 let got = w.forward_on(isa, pool, &x, m);
                 assert_eq!(got, want, "{isa:?} {packing:?} at m={m} n={n} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_sources_equal_quantizing_the_rows_they_compute() {
+        // Large enough to be split over the pool's threads.
+        let pool = Pool::new(3, Duration::from_micros(20));
+        let mut rng = StdRng::seed_from_u64(13);
+        let (m, k) = (70, 576);
+        let x = random_rows(&mut rng, m, k);
+        let weight: Vec<f32> = (0..k).map(|_| rng.random_range(0.5f32..1.5)).collect();
+        let gate_up = random_rows(&mut rng, m, 2 * k);
+        let normed: Vec<f32> = x
+            .chunks(k)
+            .flat_map(|row| {
+                let rms = (row.iter().map(|v| v * v).sum::<f32>() / k as f32 + 1e-5).sqrt();
+                row.iter().zip(&weight).map(move |(v, w)| v / rms * w)
+            })
+            .collect();
+        let swiglu: Vec<f32> = gate_up
+            .chunks(2 * k)
+            .flat_map(|row| row[..k].iter().zip(&row[k..]).map(|(g, u)| g / (1.0 + (-g).exp()) * u))
+            .collect();
+        for isa in Isa::all_supported() {
+            for (source, rows) in [
+                (RowSource::RmsNorm { x: &x, weight: &weight, eps: 1e-5 }, &normed),
+                (RowSource::SwiGlu(&gate_up), &swiglu),
+            ] {
+                let fused = QuantizedRows::from_source_on(isa, &pool, source, m, k);
+                let plain = QuantizedRows::quantize_on(isa, &pool, rows, m, k);
+                assert_eq!(
+                    (&fused.q, &fused.d, &fused.s),
+                    (&plain.q, &plain.d, &plain.s),
+                    "{isa:?} {source:?}"
+                );
             }
         }
     }

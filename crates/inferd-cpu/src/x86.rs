@@ -11,7 +11,7 @@ use crate::packed::{BlockOut, LINES, Line, Q4_LINES, QK, QuantizedRows, TILE, Ti
 /// Rows of input the one-tile AVX-512 kernel takes per pass over a tile.
 const MR: usize = 8;
 /// Rows of input the two-tile AVX-512 kernel takes per pass.
-const MR2: usize = 4;
+const MR2: usize = 6;
 
 /// A job's tile, or pair of tiles, times every row of its input on AVX-512
 /// VNNI. Pairs are the fast case: each activation broadcast then feeds two
@@ -59,7 +59,9 @@ pub(crate) unsafe fn tiles_avx512<const Q4: bool>(job: TileJob<'_>) {
                         }
                         2 => pair_avx512::<Q4, 2>(a, b),
                         3 => pair_avx512::<Q4, 3>(a, b),
-                        _ => pair_avx512::<Q4, 4>(a, b),
+                        4 => pair_avx512::<Q4, 4>(a, b),
+                        5 => pair_avx512::<Q4, 5>(a, b),
+                        _ => pair_avx512::<Q4, 6>(a, b),
                     }
                 }
             }
@@ -119,6 +121,16 @@ fn block_scales<const Q4: bool>(block: &[Line], scales: &[f32], blk: usize) -> (
     }
 }
 
+/// Where one input row's integer sums for a block (at `at` in the rows'
+/// per-block figures) start: at zero for Q4_1, and for Q8_0 at minus what
+/// the weights' +128 offset will add, so that no subtraction is left for
+/// after the dot products (the sums are exact either way).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn sums_start<const Q4: bool>(rows: &QuantizedRows, at: usize) -> __m512i {
+    if Q4 { _mm512_setzero_si512() } else { _mm512_set1_epi32(-rows.c[at]) }
+}
+
 /// Adds one input row's block (at `at` in the rows' per-block figures)
 /// into its accumulator, from the block's integer sums and weight scales.
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -131,13 +143,8 @@ fn accumulate<const Q4: bool>(
     at: usize,
 ) -> __m512 {
     let dd = _mm512_mul_ps(dw, _mm512_set1_ps(rows.d[at]));
-    if Q4 {
-        let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), dd, acc);
-        _mm512_fmadd_ps(mw, _mm512_set1_ps(rows.s[at]), acc)
-    } else {
-        let sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(rows.c[at]));
-        _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), dd, acc)
-    }
+    let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), dd, acc);
+    if Q4 { _mm512_fmadd_ps(mw, _mm512_set1_ps(rows.s[at]), acc) } else { acc }
 }
 
 /// `R` input rows against two tiles at once.
@@ -149,7 +156,8 @@ unsafe fn pair_avx512<const Q4: bool, const R: usize>(a: Args<'_>, b: Args<'_>) 
     let q = a.rows.q.as_ptr().wrapping_add(a.r0 * k);
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for blk in 0..nb {
-        let mut sums = [[_mm512_setzero_si512(); 2]; R];
+        let mut sums: [[__m512i; 2]; R] =
+            std::array::from_fn(|i| [sums_start::<Q4>(a.rows, (a.r0 + i) * nb + blk); 2]);
         let (block_a, block_b) = (block_lines::<Q4>(a.lines, blk), block_lines::<Q4>(b.lines, blk));
         for g in 0..LINES {
             let (wa, wb) = (operand::<Q4>(block_a, g), operand::<Q4>(block_b, g));
@@ -191,6 +199,9 @@ unsafe fn rows_avx512<const Q4: bool, const R: usize, const C: usize>(a: Args<'_
     let mut acc = [_mm512_setzero_ps(); R];
     for blk in 0..nb {
         let mut sums = [[_mm512_setzero_si512(); C]; R];
+        for (i, s) in sums.iter_mut().enumerate() {
+            s[0] = sums_start::<Q4>(a.rows, (a.r0 + i) * nb + blk);
+        }
         let block = block_lines::<Q4>(a.lines, blk);
         for g in 0..LINES {
             let w = operand::<Q4>(block, g);

@@ -17,8 +17,8 @@ use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
-use inferd_cpu::PackedMatrix;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
+use inferd_cpu::{PackedMatrix, RowSource};
 
 /// How weights are held for compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -267,6 +267,64 @@ impl FusedLinear {
 
     /// `x: (T, in)` to one `(T, out_i)` tensor per projection.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let y = self.joined(x, None)?;
+        self.split(y)
+    }
+
+    /// As [`forward`](Self::forward), of `rms_norm(x, weight, eps)`. On
+    /// inferd's CPU kernels with f32 activations the norm is computed row by
+    /// row as the input is quantized, with the same arithmetic as candle's
+    /// `rms_norm`, so the result is the same either way.
+    pub fn forward_normed(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Vec<Tensor>> {
+        let y = self.joined(x, Some((weight, eps)))?;
+        self.split(y)
+    }
+
+    /// As [`forward_normed`](Self::forward_normed), with the projections'
+    /// outputs left side by side in one `(T, sum of out_i)` tensor (for a
+    /// fused gate and up ahead of [`forward_swiglu`](Self::forward_swiglu)).
+    pub fn forward_normed_joined(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+        self.joined(x, Some((weight, eps)))
+    }
+
+    /// This projection of `silu(gate) * up`, where `gate_up` is `(T, 2 *
+    /// in)`, gate then up. On inferd's CPU kernels with f32 activations
+    /// SwiGLU is computed row by row as the input is quantized, with the
+    /// same arithmetic as candle's `silu` and multiply.
+    pub fn forward_swiglu(&self, gate_up: &Tensor) -> Result<Tensor> {
+        let (_, two_k) = gate_up.dims2()?;
+        if let Some(p) = self.packed_for(gate_up) {
+            if two_k != 2 * p.0.k() {
+                candle_core::bail!("SwiGLU input has {two_k} columns, the matrix takes {}", p.0.k());
+            }
+            let y = gate_up.contiguous()?.apply_op1_no_bwd(&SwiGluMatmul(p.clone()))?;
+            return self.finish(y, gate_up.dtype());
+        }
+        let k = two_k / 2;
+        let act = (candle_nn::ops::silu(&gate_up.narrow(1, 0, k)?)? * gate_up.narrow(1, k, k)?)?;
+        self.forward_one(&act)
+    }
+
+    /// The packed matrix, when `x` is an f32 CPU tensor it can take.
+    fn packed_for(&self, x: &Tensor) -> Option<&PackedMatmul> {
+        self.packed.as_ref().filter(|_| x.dtype() == DType::F32 && x.device().is_cpu())
+    }
+
+    /// All projections of `x`, or of `rms_norm(x, weight, eps)`, side by side.
+    fn joined(&self, x: &Tensor, norm: Option<(&Tensor, f32)>) -> Result<Tensor> {
+        let normed;
+        let x = match (norm, self.packed_for(x)) {
+            (Some((weight, eps)), Some(p)) => {
+                let y =
+                    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &NormedMatmul(p.clone(), eps))?;
+                return self.finish(y, x.dtype());
+            }
+            (Some((weight, eps)), None) => {
+                normed = candle_nn::ops::rms_norm(x, weight, eps)?;
+                &normed
+            }
+            (None, _) => x,
+        };
         let padded;
         let x = if self.pad > 0 {
             padded = x.pad_with_zeros(1, 0, self.pad)?;
@@ -274,7 +332,7 @@ impl FusedLinear {
         } else {
             x
         };
-        let mut y = if let Some(p) = &self.packed {
+        let y = if let Some(p) = &self.packed {
             x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(p)?.to_dtype(x.dtype())?
         } else if self.weights.len() == 1 {
             self.weights[0].forward(x)?
@@ -282,9 +340,20 @@ impl FusedLinear {
             let outs = self.weights.iter().map(|w| w.forward(x)).collect::<Result<Vec<_>>>()?;
             Tensor::cat(&outs, 1)?
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+        self.finish(y, x.dtype())
+    }
+
+    /// The output in the activations' dtype, with the bias added.
+    fn finish(&self, y: Tensor, dtype: DType) -> Result<Tensor> {
+        let y = y.to_dtype(dtype)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
+    }
+
+    /// One tensor per projection, from the joined output.
+    fn split(&self, y: Tensor) -> Result<Vec<Tensor>> {
         if self.out_sizes.len() == 1 {
             return Ok(vec![y]);
         }
@@ -336,6 +405,22 @@ pub fn with_cpu_kernels<R>(own: bool, f: impl FnOnce() -> R) -> R {
 #[derive(Debug, Clone)]
 struct PackedMatmul(Arc<PackedMatrix>);
 
+impl PackedMatmul {
+    /// `m` rows computed from `source` times the matrix, as a CPU storage.
+    fn run(&self, source: RowSource<'_>, m: usize) -> (CpuStorage, Shape) {
+        (CpuStorage::F32(self.0.forward_from(source, m)), Shape::from((m, self.0.n())))
+    }
+}
+
+/// The contiguous f32 data of a CPU tensor.
+fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(x) = storage else { candle_core::bail!("the packed matmul takes f32 {what}") };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("the packed matmul takes contiguous {what}")
+    };
+    Ok(&x[start..end])
+}
+
 impl CustomOp1 for PackedMatmul {
     fn name(&self) -> &'static str {
         "inferd-packed-matmul"
@@ -346,12 +431,56 @@ impl CustomOp1 for PackedMatmul {
         if k != self.0.k() {
             candle_core::bail!("matmul input has {k} columns, the matrix {}", self.0.k());
         }
-        let CpuStorage::F32(x) = storage else { candle_core::bail!("the packed matmul takes f32 input") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("the packed matmul takes contiguous input")
-        };
-        let y = self.0.forward(&x[start..end], m);
-        Ok((CpuStorage::F32(y), Shape::from((m, self.0.n()))))
+        Ok(self.run(RowSource::Plain(f32_data(storage, layout, "input")?), m))
+    }
+}
+
+/// RMSNorm of the input (the second operand is the norm's weight), fused
+/// into the quantization ahead of a packed matmul.
+#[derive(Debug, Clone)]
+struct NormedMatmul(PackedMatmul, f32);
+
+impl CustomOp2 for NormedMatmul {
+    fn name(&self) -> &'static str {
+        "inferd-rms-norm-packed-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        if k != self.0.0.k() || l2.shape().elem_count() != k {
+            candle_core::bail!(
+                "norm and matmul sizes differ: input {k}, weight {:?}, matrix {}",
+                l2.shape(),
+                self.0.0.k()
+            );
+        }
+        let (x, weight) = (f32_data(s1, l1, "input")?, f32_data(s2, l2, "norm weight")?);
+        Ok(self.0.run(RowSource::RmsNorm { x, weight, eps: self.1 }, m))
+    }
+}
+
+/// SwiGLU of a `(T, 2k)` gate-and-up input, fused into the quantization
+/// ahead of a packed matmul of `k` inputs.
+#[derive(Debug, Clone)]
+struct SwiGluMatmul(PackedMatmul);
+
+impl CustomOp1 for SwiGluMatmul {
+    fn name(&self) -> &'static str {
+        "inferd-swiglu-packed-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, two_k) = layout.shape().dims2()?;
+        if two_k != 2 * self.0.0.k() {
+            candle_core::bail!("SwiGLU input has {two_k} columns, the matrix takes {}", self.0.0.k());
+        }
+        Ok(self.0.run(RowSource::SwiGlu(f32_data(storage, layout, "input")?), m))
     }
 }
 
@@ -429,6 +558,71 @@ mod tests {
             let (e_ours, e_candle) = (err(&ours)?, err(&candle)?);
             assert!(e_ours <= e_candle * 1.001, "{dtype:?}: inferd {e_ours} vs candle {e_candle}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_norm_and_swiglu_give_the_unfused_numbers() -> Result<()> {
+        // Every path: the packed kernels fuse the step into quantization,
+        // candle's kernels and dense weights run it as a separate op.
+        // candle's Q4_1 kernel wants an even number of blocks per row.
+        let (k, inter) = (64, 128);
+        let x = (rand((5, k), 41)? * 2.0)?;
+        let norm = (rand((1, k), 42)?.squeeze(0)? + 1.0)?;
+        let gu = (rand((5, 2 * inter), 43)? * 3.0)?;
+        let quantized = |w: &Tensor, dtype| -> Result<RawWeight> {
+            Ok(RawWeight::Quantized(QTensor::quantize(w, dtype)?))
+        };
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            for own in [true, false] {
+                with_cpu_kernels(own, || -> Result<()> {
+                    let (a, b) = (rand((32, k), 44)?, rand((48, k), 45)?);
+                    let proj = FusedLinear::new(
+                        vec![quantized(&a, dtype)?, quantized(&b, dtype)?],
+                        None,
+                        WeightFormat::Native,
+                        DType::F32,
+                    )?;
+                    assert_eq!(proj.packed.is_some(), own);
+                    let want = proj.forward(&candle_nn::ops::rms_norm(&x, &norm, 1e-5)?)?;
+                    let got = proj.forward_normed(&x, &norm, 1e-5)?;
+                    for (g, w) in got.iter().zip(&want) {
+                        assert_eq!(
+                            g.to_vec2::<f32>()?,
+                            w.to_vec2::<f32>()?,
+                            "{dtype:?} norm, own kernels {own}"
+                        );
+                    }
+                    let joined = proj.forward_normed_joined(&x, &norm, 1e-5)?;
+                    assert_eq!(joined.to_vec2::<f32>()?, Tensor::cat(&want, 1)?.to_vec2::<f32>()?);
+
+                    let down = FusedLinear::new(
+                        vec![quantized(&rand((32, inter), 46)?, dtype)?],
+                        None,
+                        WeightFormat::Native,
+                        DType::F32,
+                    )?;
+                    let act =
+                        (candle_nn::ops::silu(&gu.narrow(1, 0, inter)?)? * gu.narrow(1, inter, inter)?)?;
+                    let want = down.forward_one(&act)?;
+                    let got = down.forward_swiglu(&gu)?;
+                    assert_eq!(
+                        got.to_vec2::<f32>()?,
+                        want.to_vec2::<f32>()?,
+                        "{dtype:?} SwiGLU, own kernels {own}"
+                    );
+                    Ok(())
+                })?;
+            }
+        }
+        // A shape that does not fit is an error, not a panic.
+        let down = FusedLinear::new(
+            vec![quantized(&rand((32, inter), 47)?, GgmlDType::Q8_0)?],
+            None,
+            WeightFormat::Native,
+            DType::F32,
+        )?;
+        assert!(down.forward_swiglu(&rand((2, inter), 48)?).is_err());
         Ok(())
     }
 

@@ -189,8 +189,7 @@ impl Llama {
         let mut x = self.embed.embedding(&batch.token_ids)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let _span = trace_span!("layer", i).entered();
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let qkv = layer.qkv.forward(&h)?;
+            let qkv = layer.qkv.forward_normed(&x, &layer.attn_norm, eps)?;
             let q = qkv[0].reshape((t, cfg.num_heads, cfg.head_dim))?;
             let k = qkv[1].reshape((t, cfg.num_kv_heads, cfg.head_dim))?;
             let v = qkv[2].contiguous()?.reshape((t, cfg.num_kv_heads, cfg.head_dim))?;
@@ -198,10 +197,8 @@ impl Llama {
             let k = RopeTable::apply(&k, &cos, &sin, cfg.rope_interleaved)?;
             let a = attn.attend(i, &q, &k, &v)?;
             x = (x + layer.o.forward_one(&a)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate_up = layer.gate_up.forward(&h)?;
-            let act = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
-            x = (x + layer.down.forward_one(&act)?)?;
+            let gate_up = layer.gate_up.forward_normed_joined(&x, &layer.ffn_norm, eps)?;
+            x = (x + layer.down.forward_swiglu(&gate_up)?)?;
         }
         let x = x.index_select(&batch.logits_rows, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;

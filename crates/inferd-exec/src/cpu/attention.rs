@@ -13,7 +13,7 @@ pub const MAX_BLOCK_SIZE: usize = 128;
 const LANES: usize = 16;
 /// Query-key pairs (over all heads) below which a step's attention runs on
 /// the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 15;
+const PARALLEL_MIN_WORK: usize = 1 << 11;
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -209,8 +209,8 @@ pub(crate) fn paged_attention<T: KvElem>(
         let span = KvSpan { kv, table: input.block_table(seq), ctx, kvh, s };
         attend_group(&q[i * width..(i + 1) * width], o, span);
     };
-    // Small batches (a few decode rows) run on this thread: waking the
-    // compute threads costs more than the work. Larger ones run on the same
+    // Tiny steps (a few decode rows of short context) run on this thread:
+    // waking the compute threads costs more than the work. Larger ones run on the same
     // threads as the matmuls, so no second pool competes for the cores.
     let work: usize = input.positions.iter().map(|&p| p as usize + 1).sum::<usize>() * s.heads;
     if work < PARALLEL_MIN_WORK {
