@@ -503,6 +503,9 @@ fn quantize_row(isa: Isa, x: &[f32], out: BlockOut<'_>) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the path was checked to be supported before it was chosen.
         Isa::Avx512Vnni => unsafe { crate::x86::quantize_row_avx512(x, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { crate::x86::quantize_row_avx2(x, out) },
         _ => scalar::quantize_row(x, out),
     }
 }
@@ -522,7 +525,9 @@ pub(crate) mod tests {
             let d = half::f16::from_f32(rng.random_range(0.0005f32..0.05));
             bytes.extend_from_slice(&d.to_le_bytes());
             for _ in 0..QK {
-                let v: i8 = rng.random_range(-127..=127);
+                // ggml's quantizer writes -127..=127, but -128 is a valid
+                // byte, and the kernels that take magnitudes must get it right.
+                let v: i8 = rng.random_range(-128..=127);
                 bytes.push(v as u8);
                 dense.push(d.to_f32() * f32::from(v));
             }

@@ -227,89 +227,138 @@ unsafe fn rows_avx512<const Q4: bool, const R: usize, const C: usize>(a: Args<'_
     }
 }
 
-/// A job's tile times every row of its input on AVX2. Each 64-byte line is
-/// two halves of eight rows. `vpmaddubsw` wants one unsigned operand and
-/// saturates at 16 bits: for Q8_0 the activation's absolute value is the
-/// unsigned side and its sign moves onto the (signed) weight; Q4_1's
-/// nibbles are unsigned already, and 2 × 15 × 127 cannot saturate.
+/// Rows of input the AVX2 kernel takes per pass over a tile.
+const MR_AVX2: usize = 4;
+
+/// A job's tile times every row of its input on AVX2, four rows per pass
+/// and one half of the tile (eight of its 16 rows: 32 bytes of each line)
+/// at a time, so that each weight line is loaded and prepared once for
+/// four input rows. `vpmaddubsw` wants one unsigned operand and saturates
+/// at 16 bits:
+///
+/// - Q8_0: the weight's absolute value is the unsigned side and its sign
+///   moves onto the input (|w| ≤ 128 and |x| ≤ 127, so a pair cannot
+///   saturate, -128 included), and each product pair is widened to 32 bits
+///   at once.
+/// - Q4_1: the nibbles are unsigned already. A pair is at most 2 × 15 ×
+///   127, so a block's eight pairs per lane (at most 30,480) are summed in
+///   16 bits and widened once per block.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; the job's output bounds hold;
 /// the tile is Q4_1 when `Q4`, else Q8_0.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tile_avx2<const Q4: bool>(job: TileJob<'_>) {
+    let m = job.rows.m;
+    let mut r = 0;
+    while r < m {
+        let n = (m - r).min(MR_AVX2);
+        for half in 0..2 {
+            if half * 8 >= job.cols {
+                break;
+            }
+            // SAFETY: the caller's guarantees, for rows r..r+n.
+            unsafe {
+                match n {
+                    1 => rows_avx2::<Q4, 1>(job, r, half),
+                    2 => rows_avx2::<Q4, 2>(job, r, half),
+                    3 => rows_avx2::<Q4, 3>(job, r, half),
+                    _ => rows_avx2::<Q4, 4>(job, r, half),
+                }
+            }
+        }
+        r += n;
+    }
+}
+
+/// `R` input rows from `r0` against half `half` of a job's tile.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_avx2<const Q4: bool, const R: usize>(job: TileJob<'_>, r0: usize, half: usize) {
     let TileJob { view, t, rows, out, ldo, cols, .. } = job;
     let (lines, scales) = view.tile(t);
     let (k, nb) = (rows.k, view.nb);
+    debug_assert!(r0 + R <= rows.m);
+    let per_block = if Q4 { Q4_LINES } else { LINES };
+    assert!(lines.len() >= nb * per_block && (Q4 || scales.len() >= nb * TILE));
     let ones = _mm256_set1_epi16(1);
-    let flip = _mm256_set1_epi8(-128);
     let nibble = _mm256_set1_epi8(0x0F);
-    // Pairs of unsigned and signed bytes, multiplied and summed into i32 lanes.
-    let dot = |u: __m256i, s: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones);
-    for r in 0..rows.m {
-        let q = rows.q.as_ptr().wrapping_add(r * k);
-        // SAFETY: row r has k values; offsets below stay under k.
-        let x_at = |at: usize| _mm256_set1_epi32(unsafe { q.add(at).cast::<i32>().read_unaligned() });
-        let mut acc = [_mm256_setzero_ps(); 2];
-        for b in 0..nb {
-            let block = block_lines::<Q4>(lines, b);
-            let mut sums = [_mm256_setzero_si256(); 2];
-            if Q4 {
-                for h in 0..QK / 8 {
-                    let (lo_x, hi_x) = (x_at(b * QK + h * 4), x_at(b * QK + QK / 2 + h * 4));
-                    for (half, s) in sums.iter_mut().enumerate() {
-                        // SAFETY: each half of a 64-byte line is 32 bytes.
-                        let w = unsafe { _mm256_loadu_si256(block[1 + h].0.as_ptr().add(half * 32).cast()) };
-                        let lo = _mm256_and_si256(w, nibble);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
-                        *s = _mm256_add_epi32(*s, dot(lo, lo_x));
-                        *s = _mm256_add_epi32(*s, dot(hi, hi_x));
-                    }
-                }
-            } else {
-                for (g, line) in block.iter().enumerate() {
-                    let x = x_at(b * QK + g * 4);
-                    let ax = _mm256_sign_epi8(x, x);
-                    for (half, s) in sums.iter_mut().enumerate() {
-                        // SAFETY: each half of a 64-byte line is 32 bytes.
-                        let w = unsafe { _mm256_loadu_si256(line.0.as_ptr().add(half * 32).cast()) };
-                        let w = _mm256_sign_epi8(_mm256_xor_si256(w, flip), x);
-                        *s = _mm256_add_epi32(*s, dot(ax, w));
-                    }
+    let flip = _mm256_set1_epi8(-128);
+    // This half of each line: 32 bytes, eight rows of four.
+    let w_at = lines.as_ptr().cast::<u8>().wrapping_add(half * 32);
+    // Row r0+i's input starts at `x[i]`.
+    let x: [*const i8; R] = std::array::from_fn(|i| rows.q.as_ptr().wrapping_add((r0 + i) * k));
+    // SAFETY (of both): row r0+i < m has k values and every `at` + 4 <= k;
+    // line `l` < nb * per_block of the tile.
+    let x_at =
+        |i: usize, at: usize| _mm256_set1_epi32(unsafe { x[i].add(at).cast::<i32>().read_unaligned() });
+    let line = |l: usize| unsafe { _mm256_loadu_si256(w_at.add(l * 64).cast()) };
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let at = b * QK;
+        let mut sums = [_mm256_setzero_si256(); R];
+        if Q4 {
+            let l0 = b * Q4_LINES + 1;
+            for h in 0..QK / 8 {
+                let w = line(l0 + h);
+                let (lo, hi) =
+                    (_mm256_and_si256(w, nibble), _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble));
+                for (i, s) in sums.iter_mut().enumerate() {
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, x_at(i, at + h * 4)),
+                        _mm256_maddubs_epi16(hi, x_at(i, at + QK / 2 + h * 4)),
+                    );
+                    *s = _mm256_add_epi16(*s, p);
                 }
             }
-            let dx = _mm256_set1_ps(rows.d[r * nb + b]);
-            for (half, s) in sums.iter().enumerate() {
-                if Q4 {
-                    let at = block[0].0.as_ptr();
-                    // SAFETY: the scale line holds 16 f16 `d` then 16 f16 `m`.
-                    let (dw, mw) = unsafe {
-                        (
-                            _mm256_cvtph_ps(_mm_loadu_si128(at.add(half * 16).cast())),
-                            _mm256_cvtph_ps(_mm_loadu_si128(at.add(32 + half * 16).cast())),
-                        )
-                    };
-                    let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), _mm256_mul_ps(dw, dx), acc[half]);
-                    acc[half] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows.s[r * nb + b]), a);
-                } else {
-                    // SAFETY: a tile holds TILE scales per block.
-                    let dw = unsafe { _mm256_loadu_ps(scales.as_ptr().add(b * TILE + half * 8)) };
-                    // The weights were taken back to signed values above, so
-                    // the sum needs no offset correction.
-                    acc[half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), _mm256_mul_ps(dw, dx), acc[half]);
+            for s in sums.iter_mut() {
+                *s = _mm256_madd_epi16(*s, ones);
+            }
+        } else {
+            for g in 0..LINES {
+                // Back to two's complement, then the unsigned magnitude.
+                let w = _mm256_xor_si256(line(b * LINES + g), flip);
+                let aw = _mm256_abs_epi8(w);
+                for (i, s) in sums.iter_mut().enumerate() {
+                    let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x_at(i, at + g * 4), w));
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
                 }
             }
         }
-        let mut row = [0f32; TILE];
-        // SAFETY: `row` holds 16 floats.
-        unsafe {
-            _mm256_storeu_ps(row.as_mut_ptr(), acc[0]);
-            _mm256_storeu_ps(row.as_mut_ptr().add(8), acc[1]);
+        if Q4 {
+            let at = lines[b * Q4_LINES].0.as_ptr();
+            // SAFETY: the scale line holds 16 f16 `d` then 16 f16 `m`.
+            let (dw, mw) = unsafe {
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(at.add(half * 16).cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(at.add(32 + half * 16).cast())),
+                )
+            };
+            for i in 0..R {
+                let at = (r0 + i) * nb + b;
+                let a = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(sums[i]),
+                    _mm256_mul_ps(dw, _mm256_set1_ps(rows.d[at])),
+                    acc[i],
+                );
+                acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows.s[at]), a);
+            }
+        } else {
+            // SAFETY: a tile holds TILE scales per block.
+            let dw = unsafe { _mm256_loadu_ps(scales.as_ptr().add(b * TILE + half * 8)) };
+            for i in 0..R {
+                // The weights were taken back to signed values, so the sum
+                // needs no offset correction.
+                let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows.d[(r0 + i) * nb + b]));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i]), dd, acc[i]);
+            }
         }
-        for (j, v) in row.iter().enumerate().take(cols) {
-            // SAFETY: the caller's bound on `out`.
-            unsafe { *out.add(r * ldo + j) = *v };
-        }
+    }
+    let n = (cols - half * 8).min(8) as i32;
+    let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (i, v) in acc.iter().enumerate() {
+        // SAFETY: the caller's bound on `out`; the mask keeps to `cols`.
+        unsafe { _mm256_maskstore_ps(out.add((r0 + i) * ldo + half * 8), mask, *v) };
     }
 }
 
@@ -409,5 +458,46 @@ pub(crate) unsafe fn quantize_row_avx512(x: &[f32], mut out: BlockOut<'_>) {
         let inv = _mm512_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
         let sum = _mm512_reduce_add_epi32(quantize(&mut out.q[..], b, inv));
         out.block(b, scale, sum);
+    }
+}
+
+/// [`crate::scalar::quantize_row`] on AVX2: the same scale and inverse,
+/// and `vcvtps2dq` rounds to nearest even as the scalar path does.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn quantize_row_avx2(x: &[f32], mut out: BlockOut<'_>) {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    // `vpackssdw` and `vpacksswb` interleave 128-bit lanes; this puts the
+    // 32 bytes back in order, four at a time.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for b in 0..x.len() / QK {
+        let xs = &x[b * QK..(b + 1) * QK];
+        // SAFETY: a block holds 32 floats.
+        let v: [__m256; 4] = std::array::from_fn(|j| unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * j)) });
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+            _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+        let i: [__m256i; 4] = std::array::from_fn(|j| _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv)));
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+        // SAFETY: the block's 32 bytes of `q`.
+        unsafe {
+            _mm256_storeu_si256(
+                out.q[b * QK..(b + 1) * QK].as_mut_ptr().cast(),
+                _mm256_permutevar8x32_epi32(bytes, order),
+            )
+        };
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        out.block(b, scale, _mm_cvtsi128_si32(s));
     }
 }

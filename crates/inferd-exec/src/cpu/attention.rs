@@ -177,6 +177,11 @@ fn attend_group<T: KvElem>(q: &[f32], out: &mut [f32], span: KvSpan<'_, T>) {
                 },
                 // SAFETY: the detected path's features include these.
                 Isa::Avx512Vnni => unsafe { attend_group_avx512(q, out, span) },
+                // SAFETY: the detected path's features include AVX2, FMA
+                // and F16C, and the shape was checked.
+                Isa::Avx2 if super::attention_x86::handles(q.len() / d, d) => unsafe {
+                    super::attention_x86::attend_avx2(q, out, span)
+                },
                 // SAFETY: as above.
                 Isa::Avx2 => unsafe { attend_group_avx2(q, out, span) },
                 Isa::Scalar => attend_group_body(q, out, span),
@@ -294,11 +299,23 @@ mod tests {
 
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn the_avx512_kernel_equals_the_portable_one_for_every_shape_it_takes() {
+    fn the_x86_kernels_equal_the_portable_one_for_every_shape_they_take() {
         use half::{bf16, f16};
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            return;
+        use inferd_cpu::Isa;
+        // Each kernel this CPU runs: AVX-512 where it has it, AVX2 on
+        // anything with AVX2, FMA and F16C.
+        type Kernel<T> = unsafe fn(&[f32], &mut [f32], KvSpan<'_, T>);
+        fn kernels<T: KvElem>() -> Vec<(&'static str, Kernel<T>)> {
+            let mut all: Vec<(&'static str, Kernel<T>)> = Vec::new();
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                all.push(("avx512", super::super::attention_x86::attend::<T>));
+            }
+            if Isa::Avx2.supported() {
+                all.push(("avx2", super::super::attention_x86::attend_avx2::<T>));
+            }
+            all
         }
+        assert!(!kernels::<f32>().is_empty() || !Isa::Avx2.supported(), "no x86 kernel to test");
         fn check<T: KvElem>(g: usize, d: usize, bs: usize, ctx: usize) {
             let kv_heads = 2;
             let row = kv_heads * d;
@@ -316,19 +333,22 @@ mod tests {
             let shape =
                 AttnShape { heads: g * kv_heads, kv_heads, head_dim: d, block_size: bs, scale: 0.125 };
             let q: Vec<f32> = (0..g * d).map(|i| val(i, 9) * 3.0).collect();
-            let (mut fast, mut slow) = (vec![0f32; g * d], vec![0f32; g * d]);
             assert!(super::super::attention_x86::handles(g, d));
-            // SAFETY: AVX-512F was detected and the shape is one it takes.
             let span = KvSpan { kv: &kv, table: &table, ctx, kvh: 1, s: shape };
-            unsafe { super::super::attention_x86::attend(&q, &mut fast, span) };
+            let mut slow = vec![0f32; g * d];
             attend_group_body(&q, &mut slow, span);
-            for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
-                assert!((a - b).abs() < 2e-5, "g {g} d {d} bs {bs} ctx {ctx} [{i}]: {a} vs {b}");
+            for (name, kernel) in kernels::<T>() {
+                let mut fast = vec![0f32; g * d];
+                // SAFETY: the kernel's features were detected and the shape is one it takes.
+                unsafe { kernel(&q, &mut fast, span) };
+                for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+                    assert!((a - b).abs() < 2e-5, "{name}: g {g} d {d} bs {bs} ctx {ctx} [{i}]: {a} vs {b}");
+                }
             }
         }
         for g in 1..=8 {
             for d in [32, 64, 128] {
-                for (bs, ctx) in [(16, 1), (16, 37), (32, 70), (8, 20)] {
+                for (bs, ctx) in [(16, 1), (16, 37), (32, 70), (8, 20), (4, 9)] {
                     check::<f32>(g, d, bs, ctx);
                     check::<f16>(g, d, bs, ctx);
                     check::<bf16>(g, d, bs, ctx);
