@@ -227,22 +227,22 @@ unsafe fn rows_avx512<const Q4: bool, const R: usize, const C: usize>(a: Args<'_
     }
 }
 
-/// Rows of input the AVX2 kernel takes per pass over a tile.
+/// Rows of input the AVX2 kernels take per pass over a tile.
 const MR_AVX2: usize = 4;
 
-/// A job's tile times every row of its input on AVX2, four rows per pass
-/// and one half of the tile (eight of its 16 rows: 32 bytes of each line)
-/// at a time, so that each weight line is loaded and prepared once for
-/// four input rows. `vpmaddubsw` wants one unsigned operand and saturates
-/// at 16 bits:
+/// A job's tile times every row of its input on AVX2, four input rows per
+/// pass, so that each weight line is loaded and prepared once for four
+/// rows. `vpmaddubsw` wants one unsigned operand and saturates at 16 bits:
 ///
-/// - Q8_0: the weight's absolute value is the unsigned side and its sign
-///   moves onto the input (|w| ≤ 128 and |x| ≤ 127, so a pair cannot
-///   saturate, -128 included), and each product pair is widened to 32 bits
-///   at once.
+/// - Q8_0: the weight's magnitude is the unsigned side and its sign moves
+///   onto the input (|w| ≤ 128 and |x| ≤ 127, so a pair cannot saturate,
+///   -128 included); each product pair is widened to 32 bits at once. Both
+///   halves of the tile (rows 0..8 and 8..16 of each line) go in one pass,
+///   so each broadcast input serves both.
 /// - Q4_1: the nibbles are unsigned already. A pair is at most 2 × 15 ×
 ///   127, so a block's eight pairs per lane (at most 30,480) are summed in
-///   16 bits and widened once per block.
+///   16 bits and widened once per block. One half of the tile at a time
+///   (measured as fast as both at once, with half the registers).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; the job's output bounds hold;
@@ -253,17 +253,28 @@ pub(crate) unsafe fn tile_avx2<const Q4: bool>(job: TileJob<'_>) {
     let mut r = 0;
     while r < m {
         let n = (m - r).min(MR_AVX2);
-        for half in 0..2 {
-            if half * 8 >= job.cols {
-                break;
+        // SAFETY (of each call): the caller's guarantees, for rows r..r+n.
+        if Q4 {
+            for half in 0..2 {
+                if half * 8 >= job.cols {
+                    break;
+                }
+                unsafe {
+                    match n {
+                        1 => q4_rows_avx2::<1>(job, r, half),
+                        2 => q4_rows_avx2::<2>(job, r, half),
+                        3 => q4_rows_avx2::<3>(job, r, half),
+                        _ => q4_rows_avx2::<4>(job, r, half),
+                    }
+                }
             }
-            // SAFETY: the caller's guarantees, for rows r..r+n.
+        } else {
             unsafe {
                 match n {
-                    1 => rows_avx2::<Q4, 1>(job, r, half),
-                    2 => rows_avx2::<Q4, 2>(job, r, half),
-                    3 => rows_avx2::<Q4, 3>(job, r, half),
-                    _ => rows_avx2::<Q4, 4>(job, r, half),
+                    1 => q8_rows_avx2::<1>(job, r),
+                    2 => q8_rows_avx2::<2>(job, r),
+                    3 => q8_rows_avx2::<3>(job, r),
+                    _ => q8_rows_avx2::<4>(job, r),
                 }
             }
         }
@@ -271,94 +282,129 @@ pub(crate) unsafe fn tile_avx2<const Q4: bool>(job: TileJob<'_>) {
     }
 }
 
-/// `R` input rows from `r0` against half `half` of a job's tile.
+/// Stores 8 lanes of a tile's row at `out`, the first `n` of them.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store8(out: *mut f32, n: usize, v: __m256) {
+    let mask =
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    // SAFETY: the caller's bound on `out` for `n` floats (up to 8).
+    unsafe { _mm256_maskstore_ps(out, mask, v) };
+}
+
+/// Four bytes of input row `i` (of rows starting at `x`, `k` apart) from
+/// value `at`, broadcast to every lane.
+///
+/// # Safety
+/// Row `i` has `k` values and `at + 4 <= k`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn x4(x: *const i8, k: usize, i: usize, at: usize) -> __m256i {
+    // SAFETY: the caller's bound.
+    _mm256_set1_epi32(unsafe { x.add(i * k + at).cast::<i32>().read_unaligned() })
+}
+
+/// `R` Q8_0 input rows from `r0` against a job's whole tile.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn rows_avx2<const Q4: bool, const R: usize>(job: TileJob<'_>, r0: usize, half: usize) {
+unsafe fn q8_rows_avx2<const R: usize>(job: TileJob<'_>, r0: usize) {
     let TileJob { view, t, rows, out, ldo, cols, .. } = job;
     let (lines, scales) = view.tile(t);
     let (k, nb) = (rows.k, view.nb);
-    debug_assert!(r0 + R <= rows.m);
-    let per_block = if Q4 { Q4_LINES } else { LINES };
-    assert!(lines.len() >= nb * per_block && (Q4 || scales.len() >= nb * TILE));
+    assert!(r0 + R <= rows.m && lines.len() >= nb * LINES && scales.len() >= nb * TILE);
     let ones = _mm256_set1_epi16(1);
-    let nibble = _mm256_set1_epi8(0x0F);
     let flip = _mm256_set1_epi8(-128);
-    // This half of each line: 32 bytes, eight rows of four.
-    let w_at = lines.as_ptr().cast::<u8>().wrapping_add(half * 32);
-    // Row r0+i's input starts at `x[i]`.
-    let x: [*const i8; R] = std::array::from_fn(|i| rows.q.as_ptr().wrapping_add((r0 + i) * k));
-    // SAFETY (of both): row r0+i < m has k values and every `at` + 4 <= k;
-    // line `l` < nb * per_block of the tile.
-    let x_at =
-        |i: usize, at: usize| _mm256_set1_epi32(unsafe { x[i].add(at).cast::<i32>().read_unaligned() });
-    let line = |l: usize| unsafe { _mm256_loadu_si256(w_at.add(l * 64).cast()) };
-    let mut acc = [_mm256_setzero_ps(); R];
+    let x = rows.q.as_ptr().wrapping_add(r0 * k);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for b in 0..nb {
-        let at = b * QK;
-        let mut sums = [_mm256_setzero_si256(); R];
-        if Q4 {
-            let l0 = b * Q4_LINES + 1;
-            for h in 0..QK / 8 {
-                let w = line(l0 + h);
-                let (lo, hi) =
-                    (_mm256_and_si256(w, nibble), _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble));
-                for (i, s) in sums.iter_mut().enumerate() {
-                    let p = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo, x_at(i, at + h * 4)),
-                        _mm256_maddubs_epi16(hi, x_at(i, at + QK / 2 + h * 4)),
-                    );
-                    *s = _mm256_add_epi16(*s, p);
-                }
-            }
-            for s in sums.iter_mut() {
-                *s = _mm256_madd_epi16(*s, ones);
-            }
-        } else {
-            for g in 0..LINES {
-                // Back to two's complement, then the unsigned magnitude.
-                let w = _mm256_xor_si256(line(b * LINES + g), flip);
-                let aw = _mm256_abs_epi8(w);
-                for (i, s) in sums.iter_mut().enumerate() {
-                    let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x_at(i, at + g * 4), w));
-                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+        let mut sums = [[_mm256_setzero_si256(); 2]; R];
+        for g in 0..LINES {
+            let at = lines[b * LINES + g].0.as_ptr();
+            // Back to two's complement, then the unsigned magnitude.
+            // SAFETY: a line is 64 bytes.
+            let w = unsafe {
+                [
+                    _mm256_xor_si256(_mm256_loadu_si256(at.cast()), flip),
+                    _mm256_xor_si256(_mm256_loadu_si256(at.add(32).cast()), flip),
+                ]
+            };
+            let aw = [_mm256_abs_epi8(w[0]), _mm256_abs_epi8(w[1])];
+            for (i, s) in sums.iter_mut().enumerate() {
+                // SAFETY: row r0+i < m has k values; b*32+g*4+4 <= k.
+                let xb = unsafe { x4(x, k, i, b * QK + g * 4) };
+                for h in 0..2 {
+                    let p = _mm256_maddubs_epi16(aw[h], _mm256_sign_epi8(xb, w[h]));
+                    s[h] = _mm256_add_epi32(s[h], _mm256_madd_epi16(p, ones));
                 }
             }
         }
-        if Q4 {
-            let at = lines[b * Q4_LINES].0.as_ptr();
-            // SAFETY: the scale line holds 16 f16 `d` then 16 f16 `m`.
-            let (dw, mw) = unsafe {
-                (
-                    _mm256_cvtph_ps(_mm_loadu_si128(at.add(half * 16).cast())),
-                    _mm256_cvtph_ps(_mm_loadu_si128(at.add(32 + half * 16).cast())),
-                )
-            };
-            for i in 0..R {
-                let at = (r0 + i) * nb + b;
-                let a = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(sums[i]),
-                    _mm256_mul_ps(dw, _mm256_set1_ps(rows.d[at])),
-                    acc[i],
-                );
-                acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows.s[at]), a);
-            }
-        } else {
+        for h in 0..2 {
             // SAFETY: a tile holds TILE scales per block.
-            let dw = unsafe { _mm256_loadu_ps(scales.as_ptr().add(b * TILE + half * 8)) };
+            let dw = unsafe { _mm256_loadu_ps(scales.as_ptr().add(b * TILE + h * 8)) };
             for i in 0..R {
                 // The weights were taken back to signed values, so the sum
                 // needs no offset correction.
                 let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows.d[(r0 + i) * nb + b]));
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i]), dd, acc[i]);
+                acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i][h]), dd, acc[i][h]);
             }
         }
     }
-    let n = (cols - half * 8).min(8) as i32;
-    let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (i, v) in acc.iter().enumerate() {
-        // SAFETY: the caller's bound on `out`; the mask keeps to `cols`.
-        unsafe { _mm256_maskstore_ps(out.add((r0 + i) * ldo + half * 8), mask, *v) };
+        for (h, &v) in v.iter().enumerate().take(cols.div_ceil(8)) {
+            // SAFETY: the caller's bound on `out`, kept to `cols`.
+            unsafe { store8(out.add((r0 + i) * ldo + h * 8), cols - h * 8, v) };
+        }
+    }
+}
+
+/// `R` Q4_1 input rows from `r0` against half `half` of a job's tile.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4_rows_avx2<const R: usize>(job: TileJob<'_>, r0: usize, half: usize) {
+    let TileJob { view, t, rows, out, ldo, cols, .. } = job;
+    let (lines, _) = view.tile(t);
+    let (k, nb) = (rows.k, view.nb);
+    assert!(r0 + R <= rows.m && lines.len() >= nb * Q4_LINES);
+    let ones = _mm256_set1_epi16(1);
+    let nibble = _mm256_set1_epi8(0x0F);
+    let x = rows.q.as_ptr().wrapping_add(r0 * k);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let block = &lines[b * Q4_LINES..(b + 1) * Q4_LINES];
+        let mut sums = [_mm256_setzero_si256(); R];
+        for h in 0..QK / 8 {
+            // SAFETY: each half of a 64-byte line is 32 bytes.
+            let w = unsafe { _mm256_loadu_si256(block[1 + h].0.as_ptr().add(half * 32).cast()) };
+            let (lo, hi) = (_mm256_and_si256(w, nibble), _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble));
+            for (i, s) in sums.iter_mut().enumerate() {
+                // SAFETY: row r0+i < m has k values; b*32+16+h*4+4 <= k.
+                let (xl, xh) = unsafe { (x4(x, k, i, b * QK + h * 4), x4(x, k, i, b * QK + QK / 2 + h * 4)) };
+                let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                *s = _mm256_add_epi16(*s, p);
+            }
+        }
+        let at = block[0].0.as_ptr();
+        // SAFETY: the scale line holds 16 f16 `d` then 16 f16 `m`.
+        let (dw, mw) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(at.add(half * 16).cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(at.add(32 + half * 16).cast())),
+            )
+        };
+        for i in 0..R {
+            let at = (r0 + i) * nb + b;
+            let sum = _mm256_madd_epi16(sums[i], ones);
+            let a = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(sum),
+                _mm256_mul_ps(dw, _mm256_set1_ps(rows.d[at])),
+                acc[i],
+            );
+            acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows.s[at]), a);
+        }
+    }
+    for (i, v) in acc.iter().enumerate() {
+        // SAFETY: the caller's bound on `out`, kept to `cols`.
+        unsafe { store8(out.add((r0 + i) * ldo + half * 8), cols - half * 8, *v) };
     }
 }
 
