@@ -36,9 +36,27 @@ fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
 }
 
-/// Positions whose top token equals the reference's.
-fn top1_agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> usize {
-    a.iter().zip(b).filter(|(x, y)| argmax(x) == argmax(y)).count()
+/// How far, in logits, the f32 model's top token must lead its runner-up
+/// for a different pick to count as an error rather than a near tie: which
+/// side of a near tie a quantized model lands on moves with summation
+/// order (candle's Q8_0 kernels, for one, pick differently on AVX2 and on
+/// AVX-512).
+const DECISIVE: f32 = 0.5;
+
+/// Positions whose top token equals the reference's, counted where the
+/// reference's choice is decisive (see [`DECISIVE`]), and how many such
+/// positions there are.
+fn top1_agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> (usize, usize) {
+    let decisive: Vec<(&Vec<f32>, &Vec<f32>)> = a
+        .iter()
+        .zip(b)
+        .filter(|(_, y)| {
+            let top = y[argmax(y)];
+            let second = y.iter().copied().filter(|&v| v < top).fold(f32::NEG_INFINITY, f32::max);
+            top - second >= DECISIVE
+        })
+        .collect();
+    (decisive.iter().filter(|(x, y)| argmax(x) == argmax(y)).count(), decisive.len())
 }
 
 /// 52 tokens of ordinary English.
@@ -60,16 +78,18 @@ fn own_q8_0_kernels_are_at_least_as_close_to_f32_as_candles() {
         let ours = logits(WeightFormat::Q8_0, dtype, true, &tokens);
         let candle = logits(WeightFormat::Q8_0, dtype, false, &tokens);
         let (e_ours, e_candle) = (rms(&ours, &reference), rms(&candle, &reference));
-        let (a_ours, a_candle) = (top1_agreement(&ours, &reference), top1_agreement(&candle, &reference));
+        let ((a_ours, n), (a_candle, _)) =
+            (top1_agreement(&ours, &reference), top1_agreement(&candle, &reference));
         eprintln!(
             "{dtype:?}: logits rms error vs f32: inferd {e_ours:.4}, candle {e_candle:.4}; \
-             top-1 agreement of {}: inferd {a_ours}, candle {a_candle}",
+             top-1 agreement at the {n} of {} positions where f32's choice is decisive: \
+             inferd {a_ours}, candle {a_candle}",
             tokens.len()
         );
         // A few percent of slack: both are quantized, and run to run the two
         // kernels' errors differ by summation order only.
         assert!(e_ours <= e_candle * 1.03, "{dtype:?}: inferd {e_ours} vs candle {e_candle}");
-        assert!(a_ours + 1 >= a_candle, "{dtype:?}: top-1 agreement {a_ours} vs {a_candle}");
+        assert!(a_ours >= a_candle, "{dtype:?}: top-1 agreement {a_ours} vs {a_candle} of {n}");
     }
 }
 
@@ -83,10 +103,12 @@ fn the_files_own_q4_1_weights_are_closer_to_f32_than_a_q8_0_requantization() {
         let candle = logits(WeightFormat::Native, dtype, false, &tokens);
         let (e_auto, e_q8, e_candle) =
             (rms(&auto, &reference), rms(&q8, &reference), rms(&candle, &reference));
-        let agree = |l: &[Vec<f32>]| top1_agreement(l, &reference);
+        let agree = |l: &[Vec<f32>]| top1_agreement(l, &reference).0;
         eprintln!(
             "{dtype:?}: logits rms error vs f32: auto (Q4_1 on inferd) {e_auto:.4}, q8_0 {e_q8:.4}, \
-             candle's Q4_1 {e_candle:.4}; top-1 agreement of {}: {}, {}, {}",
+             candle's Q4_1 {e_candle:.4}; top-1 agreement at the {} of {} positions where f32's \
+             choice is decisive: {}, {}, {}",
+            top1_agreement(&reference, &reference).1,
             tokens.len(),
             agree(&auto),
             agree(&q8),
@@ -94,6 +116,6 @@ fn the_files_own_q4_1_weights_are_closer_to_f32_than_a_q8_0_requantization() {
         );
         assert!(e_auto <= e_q8, "{dtype:?}: auto {e_auto} vs q8_0 {e_q8}");
         assert!(e_auto <= e_candle * 1.03, "{dtype:?}: auto {e_auto} vs candle's Q4_1 {e_candle}");
-        assert!(agree(&auto) + 1 >= agree(&q8).max(agree(&candle)), "{dtype:?}: top-1 agreement");
+        assert!(agree(&auto) >= agree(&q8).max(agree(&candle)), "{dtype:?}: top-1 agreement");
     }
 }
