@@ -370,7 +370,7 @@ unsafe fn q4_rows_avx2<const R: usize>(job: TileJob<'_>, r0: usize, half: usize)
     let x = rows.q.as_ptr().wrapping_add(r0 * k);
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
-        let block = &lines[b * Q4_LINES..(b + 1) * Q4_LINES];
+        let block = block_lines::<true>(lines, b);
         let mut sums = [_mm256_setzero_si256(); R];
         for h in 0..QK / 8 {
             // SAFETY: each half of a 64-byte line is 32 bytes.
