@@ -245,15 +245,17 @@ impl PackedMatrix {
         // Below a few hundred thousand multiply-adds a wake-up costs more than it saves.
         let parts = if macs < 1 << 18 { 1 } else { pool.threads().min(tiles) };
         // Tiles are handed out in chunks from a shared counter, so a thread
-        // that a noisy neighbour slows down takes fewer of them. Chunks
-        // shrink as the tiles run out (each takes a share of what is left),
-        // so the threads finish close together; they stay even, so the
+        // that a noisy neighbour slows down takes fewer of them, and one
+        // that starts late takes only what is left. Chunks shrink as the
+        // tiles run out (each takes an eighth of what is left between two
+        // threads), so the threads finish close together and a thread
+        // preempted mid-chunk holds up little; they stay even, so the
         // AVX-512 kernel can take its tiles in pairs.
         let next = AtomicUsize::new(0);
-        let take = |start: usize| ((tiles - start) / (parts * 2)).max(1).next_multiple_of(2);
+        let take = |start: usize| ((tiles - start) / (parts * 4)).max(1).next_multiple_of(2);
         let out = SendPtr(out);
         let view = self.tiles();
-        pool.run(parts, |_| {
+        pool.run_shared(parts - 1, || {
             let out = &out;
             loop {
                 let mut start = next.load(Ordering::Relaxed);
@@ -443,23 +445,29 @@ impl QuantizedRows {
             s: vec![0.0; m * nb],
         };
         let parts = if m * k < 1 << 15 { 1 } else { pool.threads().min(m) };
-        let per = m.div_ceil(parts);
         let (q, d, c, s) = (
             SendPtr(rows.q.as_mut_ptr()),
             SendPtr(rows.d.as_mut_ptr()),
             SendPtr(rows.c.as_mut_ptr()),
             SendPtr(rows.s.as_mut_ptr()),
         );
-        pool.run(parts, |p| {
+        // Rows are taken one at a time from a shared counter, so a thread
+        // that starts late or is slowed takes fewer.
+        let next = AtomicUsize::new(0);
+        pool.run_shared(parts - 1, || {
             let (q, d, c, s) = (&q, &d, &c, &s);
             let mut scratch = match source {
                 RowSource::Plain(_) => Vec::new(),
                 _ => vec![0f32; k],
             };
-            for r in p * per..((p + 1) * per).min(m) {
+            loop {
+                let r = next.fetch_add(1, Ordering::Relaxed);
+                if r >= m {
+                    break;
+                }
                 let xr = source.row(r, k, &mut scratch);
-                // SAFETY: row `r` of each buffer is written by this part only,
-                // and the buffers outlive `run`.
+                // SAFETY: row `r` of each buffer is handed out once (the
+                // counter only grows), and the buffers outlive `run_shared`.
                 let (qr, dr, cr, sr) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(q.0.add(r * k), k),

@@ -5,7 +5,15 @@
 //! Between jobs a worker spins for a short while (the next matmul of a step
 //! follows within microseconds) and then parks, so an idle server leaves its
 //! cores to the HTTP side. A second caller that finds the pool busy runs its
-//! parts itself rather than wait. On Linux each worker can be pinned to one
+//! parts itself rather than wait.
+//!
+//! Jobs that share their work through a counter of their own (the matmuls,
+//! the quantizer, attention) go through [`Pool::run_shared`]: workers join
+//! such a job only while the caller is still working on it, and the caller
+//! waits only for workers that joined. A worker whose CPU was taken away
+//! (a preempted vCPU, an HTTP thread on its core, a slow wake-up) then
+//! costs the caller nothing but the chunk it holds, where a job split in
+//! fixed parts would wait for the late worker's whole part. On Linux each worker can be pinned to one
 //! of the CPUs the process may use (worker `w` to the `w + 1`-th, leaving the
 //! first to the caller), so the kernels' working sets stay in one core's
 //! caches.
@@ -22,13 +30,35 @@ type Job = *const (dyn Fn(usize) + Sync);
 
 /// Bits of the job word that hold the job's part count.
 const PART_BITS: u32 = 16;
+/// The job word's flag for a [`Pool::run_shared`] job.
+const SHARED: u64 = 1 << PART_BITS;
+/// Where the job word's sequence number starts.
+const SEQ_SHIFT: u32 = PART_BITS + 1;
+/// Where the gate word's sequence number starts: below it, the closed flag
+/// and the count of workers that joined.
+const GATE_SEQ_SHIFT: u32 = 24;
+/// The gate word's flag for a job that takes no more workers.
+const CLOSED: u64 = 1 << (GATE_SEQ_SHIFT - 1);
+/// The gate word's count of workers that joined.
+const JOINED: u64 = CLOSED - 1;
+
+/// A job's sequence number as the gate word holds it.
+fn gate_seq(seq: u64) -> u64 {
+    (seq << GATE_SEQ_SHIFT) >> GATE_SEQ_SHIFT
+}
 
 struct Shared {
     /// The job word: a sequence number bumped once per job (and once at
-    /// shutdown) above [`PART_BITS`] bits of the job's part count. One word,
-    /// so a worker that wakes late never pairs one job's number with
-    /// another's part count.
+    /// shutdown) above the [`SHARED`] flag and [`PART_BITS`] bits of the
+    /// job's part count. One word, so a worker that wakes late never pairs
+    /// one job's number with another's kind or part count.
     generation: AtomicU64,
+    /// For a shared job: its sequence number (low bits), whether it is
+    /// closed, and how many workers joined it. Workers join with one
+    /// compare-and-swap that fails once the caller has closed the job.
+    gate: AtomicU64,
+    /// Workers that joined the current shared job and have finished it.
+    finished: AtomicUsize,
     /// The current job, written before `generation` is bumped.
     job: UnsafeCell<Option<Job>>,
     /// Worker parts not yet finished.
@@ -39,6 +69,9 @@ struct Shared {
     sleeping: Vec<AtomicBool>,
     shutdown: AtomicBool,
     spin: Duration,
+    /// Tests hold the workers here, between seeing a job and joining it.
+    #[cfg(test)]
+    hold: AtomicBool,
 }
 
 // SAFETY: `job` is written only by the one caller holding `Pool::busy`, before
@@ -79,12 +112,16 @@ impl Pool {
         let cpus = if pin { allowed_cpus() } else { Vec::new() };
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
+            gate: AtomicU64::new(CLOSED),
+            finished: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
             pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             sleeping: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             shutdown: AtomicBool::new(false),
             spin,
+            #[cfg(test)]
+            hold: AtomicBool::new(false),
         });
         let handles: Vec<JoinHandle<()>> = (0..workers)
             .map(|w| {
@@ -154,25 +191,80 @@ impl Pool {
         unsafe { *s.job.get() = Some(job) };
         s.pending.store(parts - 1, Ordering::Relaxed);
         s.panicked.store(false, Ordering::Relaxed);
-        let seq = s.generation.load(Ordering::Relaxed) >> PART_BITS;
-        s.generation.store(((seq + 1) << PART_BITS) | parts as u64, Ordering::SeqCst);
-        for w in 0..parts - 1 {
-            if s.sleeping[w].swap(false, Ordering::SeqCst) {
+        let seq = (s.generation.load(Ordering::Relaxed) >> SEQ_SHIFT) + 1;
+        s.generation.store((seq << SEQ_SHIFT) | parts as u64, Ordering::SeqCst);
+        self.wake(parts - 1);
+        let mine = catch_unwind(AssertUnwindSafe(|| f(0)));
+        self.wait_until(|| s.pending.load(Ordering::Acquire) == 0);
+        self.finish(mine);
+    }
+
+    /// Runs `f` on this thread and on up to `helpers` workers that start
+    /// it before this thread's own call of `f` returns. `f` must share its
+    /// work out through counters of its own and return when none is left:
+    /// a worker that comes late skips the job, and this function returns
+    /// once its own call and those of the workers that joined have
+    /// returned, never waiting for a worker that did not start. A panic in
+    /// any call is raised here after every call has returned.
+    pub fn run_shared<F: Fn() + Sync>(&self, helpers: usize, f: F) {
+        let helpers = helpers.min(self.threads.len());
+        if helpers == 0 {
+            return f();
+        }
+        let _guard = match self.busy.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return f(),
+        };
+        let s = &*self.shared;
+        let job = |_: usize| f();
+        let job: &(dyn Fn(usize) + Sync) = &job;
+        // SAFETY: as in `run`: workers use the pointer only after joining,
+        // and this function waits for every worker that joined.
+        let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(job) };
+        // SAFETY: we hold `busy`; no worker reads `job` before joining the
+        // job that the bumps below open.
+        unsafe { *s.job.get() = Some(job) };
+        s.panicked.store(false, Ordering::Relaxed);
+        s.finished.store(0, Ordering::Relaxed);
+        let seq = (s.generation.load(Ordering::Relaxed) >> SEQ_SHIFT) + 1;
+        s.gate.store(gate_seq(seq) << GATE_SEQ_SHIFT, Ordering::SeqCst);
+        s.generation.store((seq << SEQ_SHIFT) | SHARED | (helpers + 1) as u64, Ordering::SeqCst);
+        self.wake(helpers);
+        let mine = catch_unwind(AssertUnwindSafe(&f));
+        let joined = (s.gate.fetch_or(CLOSED, Ordering::AcqRel) & JOINED) as usize;
+        self.wait_until(|| s.finished.load(Ordering::Acquire) >= joined);
+        self.finish(mine);
+    }
+
+    /// Unparks those of the first `n` workers that sleep.
+    fn wake(&self, n: usize) {
+        for w in 0..n {
+            if self.shared.sleeping[w].swap(false, Ordering::SeqCst) {
                 self.threads[w].unpark();
             }
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| f(0)));
+    }
+
+    /// Spins, and after a while yields, until `done`.
+    fn wait_until(&self, done: impl Fn() -> bool) {
         let start = Instant::now();
         let mut spins = 0u32;
-        while s.pending.load(Ordering::Acquire) != 0 {
+        while !done() {
             spins += 1;
-            if spins < 1 << 12 || start.elapsed() < s.spin {
+            if spins < 1 << 12 || start.elapsed() < self.shared.spin {
                 std::hint::spin_loop();
             } else {
                 thread::yield_now();
             }
         }
-        // SAFETY: every worker is done with the job.
+    }
+
+    /// Ends a job once no worker uses it: drops the published closure and
+    /// raises the caller's panic, or a worker's.
+    fn finish(&self, mine: std::thread::Result<()>) {
+        let s = &*self.shared;
+        // SAFETY: every worker that used the job is done with it.
         unsafe { *s.job.get() = None };
         if let Err(p) = mine {
             resume_unwind(p);
@@ -198,7 +290,7 @@ impl Pool {
         let (len, chunks) = (data.len(), data.len().div_ceil(chunk_len));
         let base = SendPtr(data.as_mut_ptr());
         let next = AtomicUsize::new(0);
-        self.run(chunks.div_ceil(grain), |_| {
+        self.run_shared(chunks.div_ceil(grain).saturating_sub(1), || {
             let base = &base;
             loop {
                 let first = next.fetch_add(grain, Ordering::Relaxed);
@@ -210,7 +302,7 @@ impl Pool {
                     let n = chunk_len.min(len - start);
                     // SAFETY: chunk `i` is handed out once (the counter only
                     // grows), chunks do not overlap, and `data` is borrowed
-                    // mutably for the whole of `run`.
+                    // mutably for the whole of `run_shared`.
                     let chunk = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), n) };
                     f(i, chunk);
                 }
@@ -263,7 +355,7 @@ impl Drop for Pool {
     fn drop(&mut self) {
         let s = &*self.shared;
         s.shutdown.store(true, Ordering::SeqCst);
-        s.generation.fetch_add(1 << PART_BITS, Ordering::SeqCst);
+        s.generation.fetch_add(1 << SEQ_SHIFT, Ordering::SeqCst);
         for t in &self.threads {
             t.unpark();
         }
@@ -304,15 +396,42 @@ fn worker(s: &Shared, w: usize, mut seen: u64) {
         if part as u64 >= now & ((1 << PART_BITS) - 1) {
             continue;
         }
+        #[cfg(test)]
+        while s.hold.load(Ordering::Acquire) {
+            thread::yield_now();
+        }
+        if now & SHARED != 0 && !join(s, now >> SEQ_SHIFT) {
+            continue;
+        }
         // SAFETY: the caller published the job before bumping the
-        // generation and keeps it alive until `pending` reaches zero.
+        // generation and keeps it alive until `pending` reaches zero (for a
+        // shared job, which this worker joined: until every worker that
+        // joined has finished).
         let job = unsafe { (*s.job.get()).expect("a published job") };
         // SAFETY: as above.
         let f = unsafe { &*job };
         if catch_unwind(AssertUnwindSafe(|| f(part))).is_err() {
             s.panicked.store(true, Ordering::Release);
         }
-        s.pending.fetch_sub(1, Ordering::Release);
+        if now & SHARED != 0 {
+            s.finished.fetch_add(1, Ordering::Release);
+        } else {
+            s.pending.fetch_sub(1, Ordering::Release);
+        }
+    }
+}
+
+/// Joins shared job `seq` unless its caller has closed it (or moved on).
+fn join(s: &Shared, seq: u64) -> bool {
+    let mut g = s.gate.load(Ordering::Acquire);
+    loop {
+        if g & CLOSED != 0 || g >> GATE_SEQ_SHIFT != gate_seq(seq) {
+            return false;
+        }
+        match s.gate.compare_exchange_weak(g, g + 1, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return true,
+            Err(now) => g = now,
+        }
     }
 }
 
@@ -409,6 +528,114 @@ mod tests {
             c.join().unwrap();
         }
         assert_eq!(total.load(Ordering::Relaxed), 4 * 500 * 3);
+    }
+
+    /// Takes units `0..n` from `next` one at a time, noting which thread
+    /// took each, and sleeps `pause` after each.
+    fn take_units(next: &AtomicUsize, n: usize, by: &Mutex<Vec<(usize, thread::ThreadId)>>, pause: Duration) {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                return;
+            }
+            by.lock().unwrap().push((i, thread::current().id()));
+            thread::sleep(pause);
+        }
+    }
+
+    #[test]
+    fn a_shared_job_does_not_wait_for_a_worker_that_has_not_started_it() {
+        let pool = Pool::new(2, Duration::from_micros(50));
+        let me = thread::current().id();
+        // The worker sees the job but cannot join it: the caller does every
+        // unit and returns without it.
+        pool.shared.hold.store(true, Ordering::Release);
+        let (next, by) = (AtomicUsize::new(0), Mutex::new(Vec::new()));
+        thread::scope(|scope| {
+            // Should the caller wait for the worker, this lets it go after a
+            // while, and the check below fails.
+            scope.spawn(|| {
+                thread::sleep(Duration::from_secs(2));
+                pool.shared.hold.store(false, Ordering::Release);
+            });
+            pool.run_shared(1, || take_units(&next, 20, &by, Duration::ZERO));
+            assert!(pool.shared.hold.load(Ordering::Acquire), "returned while the worker was held");
+        });
+        let by = by.into_inner().unwrap();
+        assert_eq!(by.iter().map(|u| u.0).collect::<Vec<_>>(), (0..20).collect::<Vec<_>>());
+        assert!(by.iter().all(|u| u.1 == me), "only the caller worked");
+        // Let go, the worker finds that job closed and skips it; the next
+        // job, long enough for it to join, it shares.
+        let (next, by) = (AtomicUsize::new(0), Mutex::new(Vec::new()));
+        pool.run_shared(1, || take_units(&next, 40, &by, Duration::from_millis(1)));
+        let mut by = by.into_inner().unwrap();
+        assert!(by.iter().any(|u| u.1 != me), "the worker joined");
+        by.sort_by_key(|u| u.0);
+        assert_eq!(by.iter().map(|u| u.0).collect::<Vec<_>>(), (0..40).collect::<Vec<_>>(), "each unit once");
+        // Fixed-part jobs still run every part, each on its own thread.
+        let hits = AtomicUsize::new(0);
+        pool.run(2, |p| {
+            hits.fetch_add(p + 1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn shared_and_fixed_jobs_interleave_without_losing_or_repeating_work() {
+        let pool = Pool::new(3, Duration::from_micros(5));
+        for round in 0..300 {
+            let n = 1 + round % 37;
+            let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            let units: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+            pool.run_shared(round % 3, || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    units[i].fetch_add(1, Ordering::Relaxed);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(units.iter().all(|u| u.load(Ordering::Relaxed) == 1), "round {round}");
+            assert!((1..=3).contains(&done.load(Ordering::Relaxed)), "round {round}");
+            let hits = AtomicUsize::new(0);
+            pool.run(3, |p| {
+                hits.fetch_add(1 << p, Ordering::Relaxed);
+            });
+            assert_eq!(hits.load(Ordering::Relaxed), 0b111, "round {round}");
+        }
+    }
+
+    #[test]
+    fn a_panic_in_a_shared_job_is_reported_and_the_pool_still_works() {
+        let pool = Pool::new(2, Duration::from_millis(5));
+        let me = thread::current().id();
+        let mut reported = 0;
+        for _ in 0..20 {
+            // Only a worker panics; the caller waits long enough for it to join.
+            let joined = AtomicBool::new(false);
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                pool.run_shared(1, || {
+                    if thread::current().id() != me {
+                        joined.store(true, Ordering::Release);
+                        panic!("a worker fails");
+                    }
+                    let start = Instant::now();
+                    while !joined.load(Ordering::Acquire) && start.elapsed() < Duration::from_secs(5) {
+                        thread::yield_now();
+                    }
+                })
+            }));
+            assert_eq!(r.is_err(), joined.load(Ordering::Acquire), "a worker's panic reaches the caller");
+            reported += usize::from(r.is_err());
+        }
+        assert!(reported > 0, "the worker joined at least once");
+        let n = AtomicUsize::new(0);
+        pool.run(2, |_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 2);
     }
 
     #[test]
