@@ -5,7 +5,10 @@
 //! Between jobs a worker spins for a short while (the next matmul of a step
 //! follows within microseconds) and then parks, so an idle server leaves its
 //! cores to the HTTP side. A second caller that finds the pool busy runs its
-//! parts itself rather than wait.
+//! parts itself rather than wait. On Linux each worker can be pinned to one
+//! of the CPUs the process may use (worker `w` to the `w + 1`-th, leaving the
+//! first to the caller), so the kernels' working sets stay in one core's
+//! caches.
 //!
 //! Jobs that share their work through a counter of their own (the matmuls,
 //! the quantizer, attention) go through [`Pool::run_shared`]: workers join
@@ -13,10 +16,7 @@
 //! waits only for workers that joined. A worker whose CPU was taken away
 //! (a preempted vCPU, an HTTP thread on its core, a slow wake-up) then
 //! costs the caller nothing but the chunk it holds, where a job split in
-//! fixed parts would wait for the late worker's whole part. On Linux each worker can be pinned to one
-//! of the CPUs the process may use (worker `w` to the `w + 1`-th, leaving the
-//! first to the caller), so the kernels' working sets stay in one core's
-//! caches.
+//! fixed parts would wait for the late worker's whole part.
 
 use std::cell::UnsafeCell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -181,17 +181,11 @@ impl Pool {
             }
         };
         let s = &*self.shared;
-        let job: &(dyn Fn(usize) + Sync) = &f;
-        // SAFETY: only the lifetime changes; the pointer is used by workers
-        // only until `pending` reaches zero, which this function waits for
-        // before `f` goes out of scope (a panic in part 0 included).
-        let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(job) };
-        // SAFETY: we hold `busy`, and no worker reads `job` until the
-        // generation bump below publishes it.
-        unsafe { *s.job.get() = Some(job) };
+        // SAFETY: `pending` reaches zero, which this function waits for
+        // before `f` goes out of scope (a panic in part 0 included), only
+        // once every worker part has finished with the job.
+        let seq = unsafe { self.publish(&f) };
         s.pending.store(parts - 1, Ordering::Relaxed);
-        s.panicked.store(false, Ordering::Relaxed);
-        let seq = (s.generation.load(Ordering::Relaxed) >> SEQ_SHIFT) + 1;
         s.generation.store((seq << SEQ_SHIFT) | parts as u64, Ordering::SeqCst);
         self.wake(parts - 1);
         let mine = catch_unwind(AssertUnwindSafe(|| f(0)));
@@ -218,16 +212,11 @@ impl Pool {
         };
         let s = &*self.shared;
         let job = |_: usize| f();
-        let job: &(dyn Fn(usize) + Sync) = &job;
-        // SAFETY: as in `run`: workers use the pointer only after joining,
-        // and this function waits for every worker that joined.
-        let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(job) };
-        // SAFETY: we hold `busy`; no worker reads `job` before joining the
-        // job that the bumps below open.
-        unsafe { *s.job.get() = Some(job) };
-        s.panicked.store(false, Ordering::Relaxed);
+        // SAFETY: workers use the job only after joining it, and this
+        // function waits for every worker that joined before `job` goes out
+        // of scope (a panic in its own call included).
+        let seq = unsafe { self.publish(&job) };
         s.finished.store(0, Ordering::Relaxed);
-        let seq = (s.generation.load(Ordering::Relaxed) >> SEQ_SHIFT) + 1;
         s.gate.store(gate_seq(seq) << GATE_SEQ_SHIFT, Ordering::SeqCst);
         s.generation.store((seq << SEQ_SHIFT) | SHARED | (helpers + 1) as u64, Ordering::SeqCst);
         self.wake(helpers);
@@ -235,6 +224,24 @@ impl Pool {
         let joined = (s.gate.fetch_or(CLOSED, Ordering::AcqRel) & JOINED) as usize;
         self.wait_until(|| s.finished.load(Ordering::Acquire) >= joined);
         self.finish(mine);
+    }
+
+    /// Makes `job` the current job, clears the panic flag and returns the
+    /// job's sequence number, for the caller to publish in the job word.
+    ///
+    /// # Safety
+    /// The caller holds `busy` and keeps `job` alive until no worker can
+    /// use it any more, then calls [`finish`](Self::finish).
+    unsafe fn publish(&self, job: &(dyn Fn(usize) + Sync + '_)) -> u64 {
+        let s = &*self.shared;
+        // SAFETY: only the lifetime changes; the caller's guarantee covers
+        // every use of the pointer.
+        let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), Job>(job) };
+        // SAFETY: the caller holds `busy`, and no worker reads `job` until
+        // the caller's generation bump publishes it.
+        unsafe { *s.job.get() = Some(job) };
+        s.panicked.store(false, Ordering::Relaxed);
+        (s.generation.load(Ordering::Relaxed) >> SEQ_SHIFT) + 1
     }
 
     /// Unparks those of the first `n` workers that sleep.
@@ -400,7 +407,8 @@ fn worker(s: &Shared, w: usize, mut seen: u64) {
         while s.hold.load(Ordering::Acquire) {
             thread::yield_now();
         }
-        if now & SHARED != 0 && !join(s, now >> SEQ_SHIFT) {
+        let shared = now & SHARED != 0;
+        if shared && !join(s, now >> SEQ_SHIFT) {
             continue;
         }
         // SAFETY: the caller published the job before bumping the
@@ -413,7 +421,7 @@ fn worker(s: &Shared, w: usize, mut seen: u64) {
         if catch_unwind(AssertUnwindSafe(|| f(part))).is_err() {
             s.panicked.store(true, Ordering::Release);
         }
-        if now & SHARED != 0 {
+        if shared {
             s.finished.fetch_add(1, Ordering::Release);
         } else {
             s.pending.fetch_sub(1, Ordering::Release);
