@@ -8,6 +8,7 @@
 //! AVX-512 VNNI, AVX2, or a portable scalar path that is also the reference
 //! the others are tested against.
 
+pub mod math;
 pub mod packed;
 pub mod pool;
 
@@ -17,5 +18,6 @@ mod scalar;
 mod x86;
 
 pub use isa::Isa;
+pub use math::{exp, silu};
 pub use packed::{PackedMatrix, Packing, QuantizedRows, RowSource};
 pub use pool::Pool;

@@ -372,7 +372,7 @@ pub enum RowSource<'a> {
     /// so the fused step gives the same numbers as the unfused one.
     RmsNorm { x: &'a [f32], weight: &'a [f32], eps: f32 },
     /// `m` rows of `2k` values, gate then up, through SwiGLU: `silu(gate) *
-    /// up`, computed as candle's `silu` and multiply compute it.
+    /// up`, in candle's order of operations, with [`crate::exp`] for libm's.
     SwiGlu(&'a [f32]),
 }
 
@@ -388,7 +388,7 @@ impl std::fmt::Debug for RowSource<'_> {
 
 impl RowSource<'_> {
     /// Row `r` of `k` values: borrowed when plain, else computed into `scratch`.
-    fn row<'s>(&'s self, r: usize, k: usize, scratch: &'s mut [f32]) -> &'s [f32] {
+    fn row<'s>(&'s self, isa: Isa, r: usize, k: usize, scratch: &'s mut [f32]) -> &'s [f32] {
         match *self {
             RowSource::Plain(x) => &x[r * k..(r + 1) * k],
             RowSource::RmsNorm { x, weight, eps } => {
@@ -402,9 +402,7 @@ impl RowSource<'_> {
             }
             RowSource::SwiGlu(gate_up) => {
                 let (gate, up) = gate_up[r * 2 * k..(r + 1) * 2 * k].split_at(k);
-                for ((o, &g), &u) in scratch.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
+                crate::math::swiglu(isa, gate, up, scratch);
                 scratch
             }
         }
@@ -465,7 +463,7 @@ impl QuantizedRows {
                 if r >= m {
                     break;
                 }
-                let xr = source.row(r, k, &mut scratch);
+                let xr = source.row(isa, r, k, &mut scratch);
                 // SAFETY: row `r` of each buffer is handed out once (the
                 // counter only grows), and the buffers outlive `run_shared`.
                 let (qr, dr, cr, sr) = unsafe {
@@ -642,7 +640,7 @@ pub(crate) mod tests {
             .collect();
         let swiglu: Vec<f32> = gate_up
             .chunks(2 * k)
-            .flat_map(|row| row[..k].iter().zip(&row[k..]).map(|(g, u)| g / (1.0 + (-g).exp()) * u))
+            .flat_map(|row| row[..k].iter().zip(&row[k..]).map(|(&g, u)| crate::silu(g) * u))
             .collect();
         for isa in Isa::all_supported() {
             for (source, rows) in [

@@ -290,7 +290,8 @@ impl FusedLinear {
     /// This projection of `silu(gate) * up`, where `gate_up` is `(T, 2 *
     /// in)`, gate then up. On inferd's CPU kernels with f32 activations
     /// SwiGLU is computed row by row as the input is quantized, with the
-    /// same arithmetic as candle's `silu` and multiply.
+    /// same arithmetic as candle's `silu` and multiply (the packed path with
+    /// `inferd_cpu::exp` in place of libm's).
     pub fn forward_swiglu(&self, gate_up: &Tensor) -> Result<Tensor> {
         let (_, two_k) = gate_up.dims2()?;
         if let Some(p) = self.packed_for(gate_up) {
@@ -602,9 +603,18 @@ mod tests {
                         WeightFormat::Native,
                         DType::F32,
                     )?;
-                    let act =
-                        (candle_nn::ops::silu(&gu.narrow(1, 0, inter)?)? * gu.narrow(1, inter, inter)?)?;
-                    let want = down.forward_one(&act)?;
+                    // The packed path's SiLU takes inferd_cpu's exponential
+                    // (vectorized) where candle's takes libm's.
+                    let gate = gu.narrow(1, 0, inter)?;
+                    let silu = match own {
+                        true => Tensor::from_vec(
+                            gate.flatten_all()?.to_vec1::<f32>()?.into_iter().map(inferd_cpu::silu).collect(),
+                            gate.shape(),
+                            gate.device(),
+                        )?,
+                        false => candle_nn::ops::silu(&gate)?,
+                    };
+                    let want = down.forward_one(&(silu * gu.narrow(1, inter, inter)?)?)?;
                     let got = down.forward_swiglu(&gu)?;
                     assert_eq!(
                         got.to_vec2::<f32>()?,

@@ -1,18 +1,22 @@
 //! Paged attention on AVX-512 and on AVX2 for the common shapes (head size
-//! 32, 64 or 128; up to 8 query heads per kv head). On AVX-512 the group's
-//! queries and running outputs stay in registers; on both, each key and
-//! value row is loaded once for all of the group's heads, and the softmax
-//! of 16 (AVX2: 8) keys at a time runs as vector operations.
+//! 32, 64 or 128; on AVX-512 up to 8 query heads per kv head, on AVX2 up to
+//! 12 query rows: the heads of one token or of several of a sequence's
+//! tokens). On AVX-512 the group's queries and running outputs stay in
+//! registers; on both, each key and value row is loaded once for all of the
+//! rows, and the softmax of 16 (AVX2: 8) keys at a time runs as vector
+//! operations.
 
 use std::any::TypeId;
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::attention::{EXP_MIN, EXP_POLY, KvSpan, LN2_HI, LN2_LO, MAX_BLOCK_SIZE};
+use inferd_cpu::math::{EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
+
+use super::attention::{KvSpan, MAX_BLOCK_SIZE};
 use super::kv_cache::KvElem;
 
-/// Whether [`attend`] and [`attend_avx2`] take a group of `g` heads of size `head_dim`.
+/// Whether [`attend`] takes a group of `g` heads of size `head_dim`.
 pub(crate) fn handles(g: usize, head_dim: usize) -> bool {
     (1..=8).contains(&g) && matches!(head_dim, 32 | 64 | 128)
 }
@@ -54,7 +58,7 @@ unsafe fn load16<T: KvElem>(p: *const T) -> __m512 {
     }
 }
 
-/// `e^x` of 16 lanes of `x <= 0`, as `attention::exp_nonpositive`.
+/// `e^x` of 16 lanes of `x <= 0`, as `inferd_cpu::exp` (with fused multiply-adds).
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn exp16(x: __m512) -> __m512 {
@@ -160,30 +164,42 @@ unsafe fn group<T: KvElem, const G: usize, const D16: usize>(
     }
 }
 
-/// As `attention::attend_group_body` on AVX2, for shapes [`handles`]
-/// accepts. Sixteen vector registers cannot hold a group's queries and
-/// outputs as the AVX-512 kernel does, so the outputs are updated a pair of
-/// vectors per head at a time over each run of 8 keys; scores come 8 keys
-/// at a time, their dot products reduced together, and the softmax runs on
-/// those 8 lanes.
+/// Most query rows the AVX2 kernel attends together: a run of a
+/// sequence's tokens times the query heads of one kv head.
+pub(crate) const MAX_ROWS: usize = 12;
+
+/// Whether [`attend_rows_avx2`] takes `rows` query rows of size `head_dim`.
+pub(crate) fn handles_rows(rows: usize, head_dim: usize) -> bool {
+    (1..=MAX_ROWS).contains(&rows) && matches!(head_dim, 32 | 64 | 128)
+}
+
+/// As `attention::attend_group_body` on AVX2, for rows of one sequence
+/// that may see different numbers of keys: row `r` of `q` attends to the
+/// first `row_ctx[r]` keys (`1..=span.ctx`) of kv head `span.kvh`, so the
+/// heads of several of a prompt's tokens are attended in one pass and each
+/// key and value row is loaded once for all of them (once per token was
+/// most of the time a long prefill spent in attention: the keys streamed
+/// from L2 and L3 for every token). Sixteen vector registers cannot hold
+/// the rows' queries and outputs as the AVX-512 kernel does, so the outputs
+/// are updated a pair of vectors for up to four rows at a time over each
+/// run of 8 keys; scores come 8 keys at a time, their dot products reduced
+/// together, and the softmax runs on those 8 lanes.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `handles(q.len() / head_dim,
+/// The CPU must support AVX2, FMA and F16C; `handles_rows(row_ctx.len(),
 /// head_dim)`.
-pub(crate) unsafe fn attend_avx2<T: KvElem>(q: &[f32], out: &mut [f32], span: KvSpan<'_, T>) {
-    macro_rules! go {
-        ($($g:literal)*) => {
-            match (q.len() / span.s.head_dim, span.s.head_dim / 8) {
-                $(
-                    ($g, 4) => unsafe { group_avx2::<T, $g, 4>(q, out, span) },
-                    ($g, 8) => unsafe { group_avx2::<T, $g, 8>(q, out, span) },
-                    ($g, 16) => unsafe { group_avx2::<T, $g, 16>(q, out, span) },
-                )*
-                other => unreachable!("unsupported attention shape {other:?}"),
-            }
-        };
+pub(crate) unsafe fn attend_rows_avx2<T: KvElem>(
+    q: &[f32],
+    row_ctx: &[usize],
+    out: &mut [f32],
+    span: KvSpan<'_, T>,
+) {
+    match span.s.head_dim / 8 {
+        4 => unsafe { rows_avx2::<T, 4>(q, row_ctx, out, span) },
+        8 => unsafe { rows_avx2::<T, 8>(q, row_ctx, out, span) },
+        16 => unsafe { rows_avx2::<T, 16>(q, row_ctx, out, span) },
+        other => unreachable!("unsupported head size {}", other * 8),
     }
-    go!(1 2 3 4 5 6 7 8)
 }
 
 /// 8 cache elements as f32.
@@ -203,7 +219,7 @@ unsafe fn load8<T: KvElem>(p: *const T) -> __m256 {
     }
 }
 
-/// `e^x` of 8 lanes of `x <= 0`, as `attention::exp_nonpositive`.
+/// `e^x` of 8 lanes of `x <= 0`, as `inferd_cpu::exp` (with fused multiply-adds).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 fn exp8(x: __m256) -> __m256 {
@@ -247,28 +263,35 @@ fn hmax_hsum(m: __m256, s: __m256) -> (f32, f32) {
     )
 }
 
-// The loops index [head][key] and [head][chunk] arrays by both at once.
+// The loops index [row][key] and [row][chunk] arrays by both at once.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_avx2<T: KvElem, const G: usize, const D8: usize>(
+unsafe fn rows_avx2<T: KvElem, const D8: usize>(
     q: &[f32],
+    row_ctx: &[usize],
     out: &mut [f32],
     span: KvSpan<'_, T>,
 ) {
     let KvSpan { kv, table, ctx, kvh, s } = span;
-    let d = D8 * 8;
+    let (d, rows) = (D8 * 8, row_ctx.len());
     let row = s.kv_heads * d;
-    debug_assert!(q.len() == G * d && out.len() == G * d && s.block_size <= MAX_BLOCK_SIZE);
-    let qv: [[__m256; D8]; G] = std::array::from_fn(|h| {
-        std::array::from_fn(|c| {
-            // SAFETY: q holds G * d floats.
-            _mm256_mul_ps(unsafe { _mm256_loadu_ps(q.as_ptr().add(h * d + c * 8)) }, _mm256_set1_ps(s.scale))
-        })
-    });
-    let mut acc = [[_mm256_setzero_ps(); D8]; G];
-    let mut max = [f32::NEG_INFINITY; G];
-    let mut denom = [0f32; G];
-    let mut p = [[0f32; 8]; G];
+    debug_assert!(rows <= MAX_ROWS && q.len() == rows * d && out.len() == rows * d);
+    debug_assert!(s.block_size <= MAX_BLOCK_SIZE && row_ctx.iter().all(|&c| (1..=ctx).contains(&c)));
+    let mut qv = [[_mm256_setzero_ps(); D8]; MAX_ROWS];
+    for (r, qr) in qv.iter_mut().enumerate().take(rows) {
+        for (c, v) in qr.iter_mut().enumerate() {
+            // SAFETY: q holds rows * d floats.
+            *v = _mm256_mul_ps(
+                unsafe { _mm256_loadu_ps(q.as_ptr().add(r * d + c * 8)) },
+                _mm256_set1_ps(s.scale),
+            );
+        }
+    }
+    let mut acc = [[_mm256_setzero_ps(); D8]; MAX_ROWS];
+    let mut max = [f32::NEG_INFINITY; MAX_ROWS];
+    let mut denom = [0f32; MAX_ROWS];
+    let mut p = [[0f32; 8]; MAX_ROWS];
+    let mut dots = [[_mm256_setzero_ps(); 8]; MAX_ROWS];
     let (keys, values) = (kv.k.as_ptr(), kv.v.as_ptr());
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (bi, &block) in table.iter().enumerate().take(ctx.div_ceil(s.block_size)) {
@@ -277,63 +300,101 @@ unsafe fn group_avx2<T: KvElem, const G: usize, const D8: usize>(
         assert!((base + n) * row <= kv.k.len(), "block {block} is outside the cache");
         for j0 in (0..n).step_by(8) {
             let m = (n - j0).min(8);
-            let mut dots = [[_mm256_setzero_ps(); 8]; G];
             for j in 0..m {
                 // SAFETY: slot base+j0+j is inside the cache (asserted above).
                 let kp = unsafe { keys.add((base + j0 + j) * row + kvh * d) };
                 // SAFETY: a key row holds d = 8 * D8 elements.
                 let kr: [__m256; D8] = std::array::from_fn(|c| unsafe { load8(kp.add(c * 8)) });
-                for h in 0..G {
-                    let mut sv = _mm256_mul_ps(qv[h][0], kr[0]);
+                for r in 0..rows {
+                    let mut sv = _mm256_mul_ps(qv[r][0], kr[0]);
                     for c in 1..D8 {
-                        sv = _mm256_fmadd_ps(qv[h][c], kr[c], sv);
+                        sv = _mm256_fmadd_ps(qv[r][c], kr[c], sv);
                     }
-                    dots[h][j] = sv;
+                    dots[r][j] = sv;
                 }
             }
-            let live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m as i32), lane));
-            for h in 0..G {
-                let sv = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), reduce8(&dots[h]), live);
+            // Keys of this run before each row's end.
+            let first = bi * s.block_size + j0;
+            for r in 0..rows {
+                let seen = row_ctx[r].saturating_sub(first).min(m);
+                if seen == 0 {
+                    p[r] = [0.0; 8];
+                    continue;
+                }
+                let live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(seen as i32), lane));
+                let sv = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), reduce8(&dots[r]), live);
                 let (bmax, _) = hmax_hsum(sv, sv);
-                if bmax > max[h] {
-                    let corr = _mm256_cvtss_f32(exp8(_mm256_set1_ps(max[h] - bmax)));
-                    denom[h] *= corr;
-                    for a in acc[h].iter_mut() {
+                if bmax > max[r] {
+                    let corr = _mm256_cvtss_f32(exp8(_mm256_set1_ps(max[r] - bmax)));
+                    denom[r] *= corr;
+                    for a in acc[r].iter_mut() {
                         *a = _mm256_mul_ps(*a, _mm256_set1_ps(corr));
                     }
-                    max[h] = bmax;
+                    max[r] = bmax;
                 }
-                let e = _mm256_and_ps(live, exp8(_mm256_sub_ps(sv, _mm256_set1_ps(max[h]))));
-                denom[h] += hmax_hsum(e, e).1;
-                // SAFETY: p[h] holds 8 floats.
-                unsafe { _mm256_storeu_ps(p[h].as_mut_ptr(), e) };
+                let e = _mm256_and_ps(live, exp8(_mm256_sub_ps(sv, _mm256_set1_ps(max[r]))));
+                denom[r] += hmax_hsum(e, e).1;
+                // SAFETY: p[r] holds 8 floats.
+                unsafe { _mm256_storeu_ps(p[r].as_mut_ptr(), e) };
             }
-            // Two vectors of each head's output at a time stay in registers
-            // over the run of keys.
-            for c0 in (0..D8).step_by(2) {
-                let mut a: [[__m256; 2]; G] = std::array::from_fn(|h| [acc[h][c0], acc[h][c0 + 1]]);
-                for j in 0..m {
-                    // SAFETY: as for the keys; a value row holds d elements.
-                    let vp = unsafe { values.add((base + j0 + j) * row + kvh * d + c0 * 8) };
-                    let vr = unsafe { [load8(vp), load8(vp.add(8))] };
-                    for h in 0..G {
-                        let w = _mm256_set1_ps(p[h][j]);
-                        a[h][0] = _mm256_fmadd_ps(w, vr[0], a[h][0]);
-                        a[h][1] = _mm256_fmadd_ps(w, vr[1], a[h][1]);
+            // SAFETY: as for the keys.
+            let vals = unsafe { values.add((base + j0) * row + kvh * d) };
+            for r0 in (0..rows).step_by(4) {
+                let (acc, p) = (&mut acc[r0..rows], &p[r0..rows]);
+                // SAFETY: m value rows of d elements, `row` apart, start at vals.
+                unsafe {
+                    match rows - r0 {
+                        1 => add_values::<T, D8, 1>(acc, p, vals, row, m),
+                        2 => add_values::<T, D8, 2>(acc, p, vals, row, m),
+                        3 => add_values::<T, D8, 3>(acc, p, vals, row, m),
+                        _ => add_values::<T, D8, 4>(acc, p, vals, row, m),
                     }
-                }
-                for h in 0..G {
-                    acc[h][c0] = a[h][0];
-                    acc[h][c0 + 1] = a[h][1];
                 }
             }
         }
     }
-    for h in 0..G {
-        let inv = _mm256_set1_ps(1.0 / denom[h]);
+    for r in 0..rows {
+        let inv = _mm256_set1_ps(1.0 / denom[r]);
         for c in 0..D8 {
-            // SAFETY: out holds G * d floats.
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(h * d + c * 8), _mm256_mul_ps(acc[h][c], inv)) };
+            // SAFETY: out holds rows * d floats.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(r * d + c * 8), _mm256_mul_ps(acc[r][c], inv)) };
+        }
+    }
+}
+
+/// Adds `p[r][j]` times value row `j` (of `m`, `row` elements apart from
+/// `vals`) into `acc[r]` for the first `G` rows: two vectors of each row's
+/// output stay in registers over the run of keys.
+///
+/// # Safety
+/// `m` value rows of `8 * D8` elements, `row` apart, start at `vals`;
+/// `acc` and `p` hold at least `G` rows.
+// The loops index [row][chunk] arrays by both at once.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn add_values<T: KvElem, const D8: usize, const G: usize>(
+    acc: &mut [[__m256; D8]],
+    p: &[[f32; 8]],
+    vals: *const T,
+    row: usize,
+    m: usize,
+) {
+    for c0 in (0..D8).step_by(2) {
+        let mut a: [[__m256; 2]; G] = std::array::from_fn(|h| [acc[h][c0], acc[h][c0 + 1]]);
+        for j in 0..m {
+            // SAFETY: value row j holds 8 * D8 elements (the caller's promise).
+            let vp = unsafe { vals.add(j * row + c0 * 8) };
+            let vr = unsafe { [load8(vp), load8(vp.add(8))] };
+            for h in 0..G {
+                let w = _mm256_set1_ps(p[h][j]);
+                a[h][0] = _mm256_fmadd_ps(w, vr[0], a[h][0]);
+                a[h][1] = _mm256_fmadd_ps(w, vr[1], a[h][1]);
+            }
+        }
+        for h in 0..G {
+            acc[h][c0] = a[h][0];
+            acc[h][c0 + 1] = a[h][1];
         }
     }
 }
