@@ -9,6 +9,14 @@ use inferd_models::testing::smollm2_path;
 use inferd_models::{ChatMessage, LoadOptions, TextTokenizer, WeightFormat, load};
 use inferd_sched::SequenceRequest;
 
+/// The executor every test here runs: f32 cache, blocks of 16.
+const EXEC: CpuExecutorConfig = CpuExecutorConfig {
+    block_size: 16,
+    kv_cache_memory: 64 << 20,
+    kv_dtype: DType::F32,
+    max_model_len: 1024,
+};
+
 /// Greedy answer to one user message: each step's sampled token with its
 /// top-5 logprobs, and the tokenizer.
 fn chat_greedy_steps(
@@ -21,13 +29,7 @@ fn chat_greedy_steps(
     let prompt =
         loaded.chat_template.as_ref().unwrap().render(&[ChatMessage::new("user", question)], true).unwrap();
     let ids = loaded.tokenizer.encode(&prompt).unwrap();
-    let exec_cfg = CpuExecutorConfig {
-        block_size: 16,
-        kv_cache_memory: 64 << 20,
-        kv_dtype: DType::F32,
-        max_model_len: 1024,
-    };
-    let exec = CpuExecutor::new(loaded.model, exec_cfg).unwrap();
+    let exec = CpuExecutor::new(loaded.model, EXEC).unwrap();
     let mut engine =
         EngineCore::new(exec, &EngineConfig::default(), loaded.tokenizer.eos_token_ids.clone()).unwrap();
     let params = SamplingParams { temperature: 0.0, max_tokens, logprobs: Some(5), ..Default::default() };
@@ -136,16 +138,10 @@ fn every_position_logits(format: WeightFormat, text: &str) -> (Vec<Vec<f32>>, us
     let opts = LoadOptions { format, max_positions: Some(1024), ..Default::default() };
     let loaded = load(&smollm2_path(), &opts).unwrap();
     let ids = loaded.tokenizer.encode(text).unwrap();
-    let cfg = CpuExecutorConfig {
-        block_size: 16,
-        kv_cache_memory: 64 << 20,
-        kv_dtype: DType::F32,
-        max_model_len: 1024,
-    };
-    let mut exec = CpuExecutor::new(loaded.model, cfg).unwrap();
-    let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
+    let mut exec = CpuExecutor::new(loaded.model, EXEC).unwrap();
+    let blocks: Vec<u32> = (0..ids.len().div_ceil(EXEC.block_size) as u32).collect();
     let mut input = ModelInput::new(blocks.len());
-    input.push_seq(RequestId(1), &ids, 0, &blocks, 16, true);
+    input.push_seq(RequestId(1), &ids, 0, &blocks, EXEC.block_size, true);
     input.logits_rows = (0..ids.len() as u32).collect();
     let ModelOutput::Logits(l) = exec.execute(&input).unwrap() else { panic!("logits") };
     (l.data.chunks(l.vocab_size).map(<[f32]>::to_vec).collect(), ids.len())

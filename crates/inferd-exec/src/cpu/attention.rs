@@ -252,6 +252,15 @@ fn attend_run<T: KvElem>(
     }
 }
 
+/// One work item of [`paged_attention`].
+#[derive(Clone, Copy)]
+enum Work {
+    /// Token `t`'s query heads of kv head `kvh`.
+    Head { t: usize, kvh: usize },
+    /// Tokens `first..first + n` of one sequence, every kv head.
+    Run { first: usize, n: usize },
+}
+
 /// Attention for every token and kv head of the batch, each over the query
 /// heads that share that kv head. `q` is `(T, heads, head_dim)`;
 /// `token_seq[t]` is token `t`'s sequence; returns `(T, heads * head_dim)`
@@ -271,8 +280,7 @@ pub(crate) fn paged_attention<T: KvElem>(
     // even one sequence's attention is spread over the threads; a run of a
     // prompt's consecutive tokens for all kv heads at once.
     let per_run = tokens_per_run(group, s.head_dim);
-    let mut items: Vec<(&mut [f32], usize, usize, Option<usize>)> =
-        Vec::with_capacity(token_seq.len() * s.kv_heads);
+    let mut items: Vec<(&mut [f32], Work)> = Vec::with_capacity(token_seq.len() * s.kv_heads);
     let (mut rest, mut t) = (out.as_mut_slice(), 0);
     while t < token_seq.len() {
         let n =
@@ -280,21 +288,24 @@ pub(crate) fn paged_attention<T: KvElem>(
                 + 1;
         let (mine, after) = std::mem::take(&mut rest).split_at_mut(n * token_width);
         if n == 1 {
-            items.extend(mine.chunks_mut(width).enumerate().map(|(kvh, o)| (o, t, 1, Some(kvh))));
+            items.extend(mine.chunks_mut(width).enumerate().map(|(kvh, o)| (o, Work::Head { t, kvh })));
         } else {
-            items.push((mine, t, n, None));
+            items.push((mine, Work::Run { first: t, n }));
         }
         (rest, t) = (after, t + n);
     }
-    let one = |_: usize, item: &mut [(&mut [f32], usize, usize, Option<usize>)]| {
-        let (o, first, n, kvh) = &mut item[0];
-        let table = input.block_table(token_seq[*first] as usize);
-        match *kvh {
-            Some(kvh) => {
-                let span = KvSpan { kv, table, ctx: input.positions[*first] as usize + 1, kvh, s };
-                attend_group(&q[heads_of(*first, kvh, s)], o, span);
+    let one = |_: usize, item: &mut [(&mut [f32], Work)]| {
+        let (o, work) = &mut item[0];
+        match *work {
+            Work::Head { t, kvh } => {
+                let table = input.block_table(token_seq[t] as usize);
+                let span = KvSpan { kv, table, ctx: input.positions[t] as usize + 1, kvh, s };
+                attend_group(&q[heads_of(t, kvh, s)], o, span);
             }
-            None => attend_run(kv, q, input, table, (*first, *n), o, s),
+            Work::Run { first, n } => {
+                let table = input.block_table(token_seq[first] as usize);
+                attend_run(kv, q, input, table, (first, n), o, s);
+            }
         }
     };
     // Tiny steps (a few decode rows of short context) run on this thread:
