@@ -238,11 +238,18 @@ const MR_AVX2: usize = 4;
 ///   onto the input (|w| ≤ 128 and |x| ≤ 127, so a pair cannot saturate,
 ///   -128 included); each product pair is widened to 32 bits at once. Both
 ///   halves of the tile (rows 0..8 and 8..16 of each line) go in one pass,
-///   so each broadcast input serves both.
+///   so each broadcast input serves both (one half at a time ran about 20 %
+///   slower).
 /// - Q4_1: the nibbles are unsigned already. A pair is at most 2 × 15 ×
 ///   127, so a block's eight pairs per lane (at most 30,480) are summed in
-///   16 bits and widened once per block. One half of the tile at a time
-///   (measured as fast as both at once, with half the registers).
+///   16 bits and widened once per block. One half of the tile at a time:
+///   both halves at once, each broadcast serving two, ran 10–20 % slower
+///   on an AVX2-only EPYC (more registers than AVX2 has, so spills).
+///
+/// The inner loops read the inputs and their per-block figures through
+/// pointers checked once per call ([`RowFigures`]): with an index check
+/// per block, the Q4_1 loop was a third scalar bookkeeping, and the
+/// kernel ran about a quarter slower.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; the job's output bounds hold;
@@ -304,6 +311,39 @@ unsafe fn x4(x: *const i8, k: usize, i: usize, at: usize) -> __m256i {
     _mm256_set1_epi32(unsafe { x.add(i * k + at).cast::<i32>().read_unaligned() })
 }
 
+/// The per-block figures of input rows `r0..` (`nb` blocks a row): a row's
+/// scales and sums, read without bounds checks in the kernels' inner loops.
+#[derive(Clone, Copy)]
+struct RowFigures {
+    d: *const f32,
+    s: *const f32,
+    nb: usize,
+}
+
+impl RowFigures {
+    /// Input rows `r0..r0 + n`'s figures.
+    fn new(rows: &QuantizedRows, r0: usize, n: usize, nb: usize) -> RowFigures {
+        assert!(rows.d.len() >= (r0 + n) * nb && rows.s.len() >= (r0 + n) * nb);
+        RowFigures { d: rows.d[r0 * nb..].as_ptr(), s: rows.s[r0 * nb..].as_ptr(), nb }
+    }
+
+    /// Row `i`'s scale and sum for block `b`, broadcast to every lane.
+    ///
+    /// # Safety
+    /// `i` is below the `n` rows and `b` below the `nb` blocks it was made with.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn at(self, i: usize, b: usize) -> (__m256, __m256) {
+        // SAFETY: the caller's bounds, checked against the buffers in `new`.
+        unsafe {
+            (
+                _mm256_broadcast_ss(&*self.d.add(i * self.nb + b)),
+                _mm256_broadcast_ss(&*self.s.add(i * self.nb + b)),
+            )
+        }
+    }
+}
+
 /// `R` Q8_0 input rows from `r0` against a job's whole tile.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -311,21 +351,23 @@ unsafe fn q8_rows_avx2<const R: usize>(job: TileJob<'_>, r0: usize) {
     let TileJob { view, t, rows, out, ldo, cols, .. } = job;
     let (lines, scales) = view.tile(t);
     let (k, nb) = (rows.k, view.nb);
-    assert!(r0 + R <= rows.m && lines.len() >= nb * LINES && scales.len() >= nb * TILE);
+    assert!(r0 + R <= rows.m && rows.q.len() >= rows.m * k && k == nb * QK);
+    let (lines, scales) = (&lines[..nb * LINES], &scales[..nb * TILE]);
+    let figures = RowFigures::new(rows, r0, R, nb);
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(-128);
-    let x = rows.q.as_ptr().wrapping_add(r0 * k);
+    let x = rows.q[r0 * k..].as_ptr();
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for b in 0..nb {
+    for (b, (block, dw)) in lines.chunks_exact(LINES).zip(scales.chunks_exact(TILE)).enumerate() {
         let mut sums = [[_mm256_setzero_si256(); 2]; R];
-        for g in 0..LINES {
-            let at = lines[b * LINES + g].0.as_ptr();
+        for (g, line) in block.iter().enumerate() {
+            let at = line.0.as_ptr();
             // Back to two's complement, then the unsigned magnitude.
-            // SAFETY: a line is 64 bytes.
+            // SAFETY: a line is 64 bytes, aligned to 64.
             let w = unsafe {
                 [
-                    _mm256_xor_si256(_mm256_loadu_si256(at.cast()), flip),
-                    _mm256_xor_si256(_mm256_loadu_si256(at.add(32).cast()), flip),
+                    _mm256_xor_si256(_mm256_load_si256(at.cast()), flip),
+                    _mm256_xor_si256(_mm256_load_si256(at.add(32).cast()), flip),
                 ]
             };
             let aw = [_mm256_abs_epi8(w[0]), _mm256_abs_epi8(w[1])];
@@ -340,11 +382,13 @@ unsafe fn q8_rows_avx2<const R: usize>(job: TileJob<'_>, r0: usize) {
         }
         for h in 0..2 {
             // SAFETY: a tile holds TILE scales per block.
-            let dw = unsafe { _mm256_loadu_ps(scales.as_ptr().add(b * TILE + h * 8)) };
+            let dw = unsafe { _mm256_loadu_ps(dw.as_ptr().add(h * 8)) };
             for i in 0..R {
                 // The weights were taken back to signed values, so the sum
                 // needs no offset correction.
-                let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows.d[(r0 + i) * nb + b]));
+                // SAFETY: i < R rows, b < nb blocks.
+                let (dx, _) = unsafe { figures.at(i, b) };
+                let dd = _mm256_mul_ps(dw, dx);
                 acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i][h]), dd, acc[i][h]);
             }
         }
@@ -364,17 +408,17 @@ unsafe fn q4_rows_avx2<const R: usize>(job: TileJob<'_>, r0: usize, half: usize)
     let TileJob { view, t, rows, out, ldo, cols, .. } = job;
     let (lines, _) = view.tile(t);
     let (k, nb) = (rows.k, view.nb);
-    assert!(r0 + R <= rows.m && lines.len() >= nb * Q4_LINES);
+    assert!(r0 + R <= rows.m && rows.q.len() >= rows.m * k && k == nb * QK && half < 2);
+    let figures = RowFigures::new(rows, r0, R, nb);
     let ones = _mm256_set1_epi16(1);
     let nibble = _mm256_set1_epi8(0x0F);
-    let x = rows.q.as_ptr().wrapping_add(r0 * k);
+    let x = rows.q[r0 * k..].as_ptr();
     let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..nb {
-        let block = block_lines::<true>(lines, b);
+    for (b, block) in lines[..nb * Q4_LINES].chunks_exact(Q4_LINES).enumerate() {
         let mut sums = [_mm256_setzero_si256(); R];
-        for h in 0..QK / 8 {
-            // SAFETY: each half of a 64-byte line is 32 bytes.
-            let w = unsafe { _mm256_loadu_si256(block[1 + h].0.as_ptr().add(half * 32).cast()) };
+        for (h, line) in block[1..].iter().enumerate() {
+            // SAFETY: each half of a 64-byte line, aligned to 64, is 32 aligned bytes.
+            let w = unsafe { _mm256_load_si256(line.0.as_ptr().add(half * 32).cast()) };
             let (lo, hi) = (_mm256_and_si256(w, nibble), _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble));
             for (i, s) in sums.iter_mut().enumerate() {
                 // SAFETY: row r0+i < m has k values; b*32+16+h*4+4 <= k.
@@ -387,19 +431,16 @@ unsafe fn q4_rows_avx2<const R: usize>(job: TileJob<'_>, r0: usize, half: usize)
         // SAFETY: the scale line holds 16 f16 `d` then 16 f16 `m`.
         let (dw, mw) = unsafe {
             (
-                _mm256_cvtph_ps(_mm_loadu_si128(at.add(half * 16).cast())),
-                _mm256_cvtph_ps(_mm_loadu_si128(at.add(32 + half * 16).cast())),
+                _mm256_cvtph_ps(_mm_load_si128(at.add(half * 16).cast())),
+                _mm256_cvtph_ps(_mm_load_si128(at.add(32 + half * 16).cast())),
             )
         };
-        for i in 0..R {
-            let at = (r0 + i) * nb + b;
-            let sum = _mm256_madd_epi16(sums[i], ones);
-            let a = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(sum),
-                _mm256_mul_ps(dw, _mm256_set1_ps(rows.d[at])),
-                acc[i],
-            );
-            acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows.s[at]), a);
+        for (i, (a, s)) in acc.iter_mut().zip(&sums).enumerate() {
+            // SAFETY: i < R rows, b < nb blocks.
+            let (dx, sx) = unsafe { figures.at(i, b) };
+            let sum = _mm256_madd_epi16(*s, ones);
+            let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dw, dx), *a);
+            *a = _mm256_fmadd_ps(mw, sx, v);
         }
     }
     for (i, v) in acc.iter().enumerate() {
