@@ -81,13 +81,16 @@ async fn the_cpu_backend_computes_in_the_dtype_asked_for() {
     let text = out["choices"][0]["message"]["content"].as_str().unwrap_or_default();
     assert!(text.contains("Berlin"), "bf16 compute answers sensibly: {text:?}");
     drop(srv);
-    // The default: f32 compute and KV on the CPU; the KV dtype can differ.
-    let srv = Server::start(&["--kv-cache-dtype", "f16"]);
-    let stats: Value = reqwest::get(srv.url("/stats")).await.unwrap().json().await.unwrap();
-    assert_eq!(
-        (stats["backend"]["compute_dtype"].as_str(), stats["backend"]["kv_cache_dtype"].as_str()),
-        (Some("f32"), Some("f16"))
-    );
+    // The default on the CPU: f32 compute over an f16 cache; either can be asked for.
+    for (flags, kv) in [(&[][..], "f16"), (&["--kv-cache-dtype", "f32"][..], "f32")] {
+        let srv = Server::start(flags);
+        let stats: Value = reqwest::get(srv.url("/stats")).await.unwrap().json().await.unwrap();
+        assert_eq!(
+            (stats["backend"]["compute_dtype"].as_str(), stats["backend"]["kv_cache_dtype"].as_str()),
+            (Some("f32"), Some(kv)),
+            "{flags:?}"
+        );
+    }
 }
 
 fn run(cmd: &mut Command) -> std::process::Output {

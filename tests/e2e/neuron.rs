@@ -92,8 +92,9 @@ async fn a_neuron_model_serves_like_the_cpu_and_refuses_what_it_was_not_compiled
     }
     drop(srv);
 
-    // The same greedy answer from the CPU backend on the same weights.
-    let cpu = Server::start(&["--cpu-weights", "native"]);
+    // The same greedy answer from the CPU backend on the same weights, with
+    // the stand-in's f32 cache (the CPU backend's own default is f16).
+    let cpu = Server::start(&["--cpu-weights", "native", "--kv-cache-dtype", "f32"]);
     assert_eq!(through_worker, chat(&cpu).await);
 }
 

@@ -132,13 +132,14 @@ fn native_q4_1_follows_llama_cpp_up_to_a_near_tie() {
     assert_follows_up_to_a_near_tie(&steps, &expected, &tok, "llama.cpp");
 }
 
-/// Logits of every position of `text` (teacher-forced, one prefill) in `format`.
-fn every_position_logits(format: WeightFormat, text: &str) -> (Vec<Vec<f32>>, usize) {
+/// Logits of every position of `text` (teacher-forced, one prefill) in
+/// `format`, with a KV cache of `kv_dtype`.
+fn every_position_logits(format: WeightFormat, kv_dtype: DType, text: &str) -> (Vec<Vec<f32>>, usize) {
     use inferd_contract::{ModelExecutor, ModelInput, ModelOutput};
     let opts = LoadOptions { format, max_positions: Some(1024), ..Default::default() };
     let loaded = load(&smollm2_path(), &opts).unwrap();
     let ids = loaded.tokenizer.encode(text).unwrap();
-    let mut exec = CpuExecutor::new(loaded.model, EXEC).unwrap();
+    let mut exec = CpuExecutor::new(loaded.model, CpuExecutorConfig { kv_dtype, ..EXEC }).unwrap();
     let blocks: Vec<u32> = (0..ids.len().div_ceil(EXEC.block_size) as u32).collect();
     let mut input = ModelInput::new(blocks.len());
     input.push_seq(RequestId(1), &ids, 0, &blocks, EXEC.block_size, true);
@@ -157,7 +158,9 @@ fn log_softmax(x: &[f32]) -> Vec<f64> {
 /// f32 arithmetic on the same weights (`dense`: dequantized weights, f32
 /// activations, no 8-bit rounding anywhere): greedy texts diverge at near
 /// ties whenever rounding changes (see NEAR_TIE), so this is the measure of
-/// whether a kernel's numbers got better or worse. It prints the figures.
+/// whether a kernel's numbers got better or worse. Both cache dtypes are
+/// held to it: f32, and f16 (the server's default on the CPU). It prints
+/// the figures.
 #[test]
 fn native_q4_1_stays_close_to_f32_arithmetic_on_every_position() {
     let text = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. \
@@ -167,20 +170,23 @@ fn native_q4_1_stays_close_to_f32_arithmetic_on_every_position() {
         Revolution. Although initially criticised by some of France's leading artists and intellectuals for \
         its design, it has since become a global cultural icon of France and one of the most recognisable \
         structures in the world.";
-    let (reference, n) = every_position_logits(WeightFormat::Dense, text);
-    let (ours, _) = every_position_logits(WeightFormat::Native, text);
-    let (mut kl, mut same_top, mut worst) = (0f64, 0usize, 0f64);
-    for (r, o) in reference.iter().zip(&ours) {
-        let (lr, lo) = (log_softmax(r), log_softmax(o));
-        let k: f64 = lr.iter().zip(&lo).map(|(a, b)| a.exp() * (a - b)).sum();
-        kl += k;
-        worst = worst.max(k);
-        same_top += usize::from(inferd_exec::sampler::argmax(r) == inferd_exec::sampler::argmax(o));
+    let (reference, n) = every_position_logits(WeightFormat::Dense, DType::F32, text);
+    for kv_dtype in [DType::F32, DType::F16] {
+        let (ours, _) = every_position_logits(WeightFormat::Native, kv_dtype, text);
+        let (mut kl, mut same_top, mut worst) = (0f64, 0usize, 0f64);
+        for (r, o) in reference.iter().zip(&ours) {
+            let (lr, lo) = (log_softmax(r), log_softmax(o));
+            let k: f64 = lr.iter().zip(&lo).map(|(a, b)| a.exp() * (a - b)).sum();
+            kl += k;
+            worst = worst.max(k);
+            same_top += usize::from(inferd_exec::sampler::argmax(r) == inferd_exec::sampler::argmax(o));
+        }
+        let mean = kl / n as f64;
+        eprintln!(
+            "{n} positions, {kv_dtype:?} cache: mean KL(f32 || native) {mean:.5} nats, worst {worst:.4}, \
+             same top token {same_top}"
+        );
+        assert!(mean < 0.03 && worst < 0.5, "{kv_dtype:?} cache: mean KL {mean}, worst {worst}");
+        assert!(same_top * 10 >= n * 9, "{kv_dtype:?} cache: top token agreed on {same_top} of {n}");
     }
-    let mean = kl / n as f64;
-    eprintln!(
-        "{n} positions: mean KL(f32 || native) {mean:.5} nats, worst {worst:.4}, same top token {same_top}"
-    );
-    assert!(mean < 0.03 && worst < 0.5, "mean KL {mean}, worst {worst}");
-    assert!(same_top * 10 >= n * 9, "top token agreed on {same_top} of {n}");
 }

@@ -139,6 +139,17 @@ fn build_neuron(cfg: &ExecutorConfig) -> Result<crate::neuron::NeuronExecutor, E
     })
 }
 
+/// The CPU's KV cache dtype for `--kv-cache-dtype auto`: f16 when computing
+/// in f32, else the compute dtype. Decode attention reads every cached key
+/// and value each step, so at 32 streams it waits on memory: f16 halves the
+/// bytes (and the memory per token, as llama.cpp's default cache does), and
+/// served 17 % more tokens/s than f32 on an AVX2 EPYC. The cost, measured
+/// by the SmolLM2 tests: mean KL divergence from f32 arithmetic 0.0028 nats
+/// against the f32 cache's 0.0025.
+fn cpu_kv_dtype(compute: DType) -> DType {
+    if compute == DType::F32 { DType::F16 } else { compute }
+}
+
 fn build_cpu(cfg: &ExecutorConfig) -> Result<CpuExecutor, ExecError> {
     let dtype = pick_dtype(cfg, &CPU_DTYPES)?;
     let opts = LoadOptions {
@@ -155,7 +166,7 @@ fn build_cpu(cfg: &ExecutorConfig) -> Result<CpuExecutor, ExecError> {
         CpuExecutorConfig {
             block_size: cfg.block_size,
             kv_cache_memory: cfg.kv_cache_memory,
-            kv_dtype: cfg.kv_dtype.unwrap_or(dtype),
+            kv_dtype: cfg.kv_dtype.unwrap_or(cpu_kv_dtype(dtype)),
             max_model_len,
         },
     )

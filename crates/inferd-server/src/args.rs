@@ -363,7 +363,8 @@ pub struct ServeArgs {
     /// included; its KV cache takes what the weights leave.
     #[arg(long, env = "INFERD_GPU_MEMORY_UTILIZATION", value_parser = parse_fraction)]
     pub gpu_memory_utilization: Option<f64>,
-    /// KV cache element type: f32, f16, bf16, or auto (the compute dtype).
+    /// KV cache element type: f32, f16, bf16, or auto (f16 on the CPU when
+    /// computing in f32, else the compute dtype).
     #[arg(long, env = "INFERD_KV_CACHE_DTYPE", default_value = "auto")]
     pub kv_cache_dtype: AutoDType,
     /// Weight format: auto (Q8_0 and Q4_1 as stored, for inferd's CPU
@@ -539,7 +540,7 @@ mod tests {
         let Command::Serve(args) = cli.command else { panic!("serve") };
         assert_eq!(args.device, DeviceSpec::Cuda(1));
         assert_eq!(args.dtype, AutoDType(Some(DType::BF16)));
-        assert_eq!(args.kv_cache_dtype, AutoDType(None), "auto follows the compute dtype");
+        assert_eq!(args.kv_cache_dtype, AutoDType(None), "auto is the backend's choice");
         assert_eq!(args.executor_config("m.gguf".into()).gpu_memory_utilization, 0.9);
         let bad = Cli::try_parse_from(["inferd", "serve", "--gpu-memory-utilization", "1.5"]).unwrap_err();
         assert!(bad.to_string().contains("(0, 1]"), "{bad}");
