@@ -227,6 +227,37 @@ impl PackedMatrix {
         out
     }
 
+    /// `residual` (`m` rows of `n`) plus the `m` input rows computed from
+    /// `source` times the matrix's transpose: a decoder layer's residual
+    /// connection, added on the compute threads (one rounding per element,
+    /// and f32 addition commutes, so the same bits as candle's `residual +
+    /// product`), where candle would hand a large add to a pool of its own
+    /// that competes with this one for the cores.
+    pub fn forward_residual(&self, source: RowSource<'_>, m: usize, residual: &[f32]) -> Vec<f32> {
+        self.forward_residual_on(Isa::detected(), Pool::global(), source, m, residual)
+    }
+
+    /// As [`forward_residual`](Self::forward_residual), on a given path and pool.
+    pub fn forward_residual_on(
+        &self,
+        isa: Isa,
+        pool: &Pool,
+        source: RowSource<'_>,
+        m: usize,
+        residual: &[f32],
+    ) -> Vec<f32> {
+        assert_eq!(residual.len(), m * self.n, "residual size");
+        let mut out = self.forward_from_on(isa, pool, source, m);
+        /// Elements one thread adds at a time.
+        const CHUNK: usize = 1 << 13;
+        pool.for_each_chunk(&mut out, CHUNK, 1, |i, out| {
+            for (o, r) in out.iter_mut().zip(&residual[i * CHUNK..]) {
+                *o += *r;
+            }
+        });
+        out
+    }
+
     /// Multiplies already quantized rows into `out` (`rows.m() * n`).
     pub fn matmul_on(&self, isa: Isa, pool: &Pool, rows: &QuantizedRows, out: &mut [f32]) {
         assert_eq!(out.len(), rows.m * self.n, "output size");
@@ -442,7 +473,13 @@ impl QuantizedRows {
             c: vec![0; m * nb],
             s: vec![0.0; m * nb],
         };
-        let parts = if m * k < 1 << 15 { 1 } else { pool.threads().min(m) };
+        // A norm or SwiGLU row costs several times a plain one, so those
+        // are split from smaller inputs (a 32-row decode step's QKV input).
+        let serial_below = match source {
+            RowSource::Plain(_) => 1 << 15,
+            _ => 1 << 13,
+        };
+        let parts = if m * k < serial_below { 1 } else { pool.threads().min(m) };
         let (q, d, c, s) = (
             SendPtr(rows.q.as_mut_ptr()),
             SendPtr(rows.d.as_mut_ptr()),
@@ -655,6 +692,23 @@ pub(crate) mod tests {
                     "{isa:?} {source:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_residual_is_added_to_every_output_with_the_bits_of_a_separate_add() {
+        let pool = Pool::new(3, Duration::from_micros(20));
+        let mut rng = StdRng::seed_from_u64(17);
+        // A decode-sized output, and one split over several threads in
+        // chunks that do not end on row boundaries.
+        for (m, n, k) in [(3, 40, 64), (70, 200, 576)] {
+            let (w, _) = random_packed(&mut rng, Packing::Q4_1, n, k);
+            let x = random_rows(&mut rng, m, k);
+            let residual = random_rows(&mut rng, m, n);
+            let product = w.forward_on(Isa::detected(), &pool, &x, m);
+            let got = w.forward_residual_on(Isa::detected(), &pool, RowSource::Plain(&x), m, &residual);
+            let want: Vec<f32> = residual.iter().zip(&product).map(|(r, p)| r + p).collect();
+            assert_eq!(got, want, "m={m} n={n}");
         }
     }
 

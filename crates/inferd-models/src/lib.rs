@@ -21,7 +21,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
 pub use linear::WeightFormat;
-pub use llama::{AttentionBackend, BatchTokens, LayerWeights, Llama, ModelWeights};
+pub use llama::{AttentionBackend, BatchTokens, LayerQkv, LayerWeights, Llama, ModelWeights};
 pub use loader::{LoadOptions, LoadedModel, load, load_text, load_weights};
 pub use source::{Resolved, Sources};
 pub use tokenizer::TextTokenizer;

@@ -306,6 +306,37 @@ impl FusedLinear {
         self.forward_one(&act)
     }
 
+    /// `residual + ` this (single) projection of `x`: a decoder layer's
+    /// residual connection. On inferd's CPU kernels the add runs on their
+    /// compute threads as the output is finished (same bits as adding the
+    /// tensors; see `PackedMatrix::forward_residual`).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self.residual_packed(x, residual) {
+            Some(p) => x.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, &ResidualMatmul(p, false)),
+            None => residual + self.forward_one(x)?,
+        }
+    }
+
+    /// `residual + ` [`forward_swiglu`](Self::forward_swiglu)`(gate_up)`,
+    /// the add on the compute threads as in
+    /// [`forward_residual`](Self::forward_residual).
+    pub fn forward_swiglu_residual(&self, gate_up: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self.residual_packed(gate_up, residual) {
+            Some(p) => {
+                gate_up.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, &ResidualMatmul(p, true))
+            }
+            None => residual + self.forward_swiglu(gate_up)?,
+        }
+    }
+
+    /// The packed matrix, when it takes `x` and its output is the whole
+    /// result (one projection, no bias, no padding), with an f32 residual.
+    fn residual_packed(&self, x: &Tensor, residual: &Tensor) -> Option<PackedMatmul> {
+        let plain = self.out_sizes.len() == 1 && self.bias.is_none() && self.pad == 0;
+        let fits = residual.dtype() == DType::F32 && residual.device().is_cpu();
+        self.packed_for(x).filter(|_| plain && fits).cloned()
+    }
+
     /// The packed matrix, when `x` is an f32 CPU tensor it can take.
     fn packed_for(&self, x: &Tensor) -> Option<&PackedMatmul> {
         self.packed.as_ref().filter(|_| x.dtype() == DType::F32 && x.device().is_cpu())
@@ -485,6 +516,42 @@ impl CustomOp1 for SwiGluMatmul {
     }
 }
 
+/// A packed matmul whose output is added to a residual (the second
+/// operand): of the input as it is, or of SwiGLU of a `(T, 2k)` input.
+#[derive(Debug, Clone)]
+struct ResidualMatmul(PackedMatmul, bool);
+
+impl CustomOp2 for ResidualMatmul {
+    fn name(&self) -> &'static str {
+        "inferd-packed-matmul-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ResidualMatmul(PackedMatmul(p), swiglu) = self;
+        let (m, width) = l1.shape().dims2()?;
+        let k = if *swiglu { 2 * p.k() } else { p.k() };
+        if width != k || l2.shape().dims2()? != (m, p.n()) {
+            candle_core::bail!(
+                "residual matmul sizes differ: input {:?}, residual {:?}, matrix {} by {}",
+                l1.shape(),
+                l2.shape(),
+                p.n(),
+                p.k()
+            );
+        }
+        let x = f32_data(s1, l1, "input")?;
+        let source = if *swiglu { RowSource::SwiGlu(x) } else { RowSource::Plain(x) };
+        let y = p.forward_residual(source, m, f32_data(s2, l2, "residual")?);
+        Ok((CpuStorage::F32(y), Shape::from((m, p.n()))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
@@ -621,6 +688,16 @@ mod tests {
                         want.to_vec2::<f32>()?,
                         "{dtype:?} SwiGLU, own kernels {own}"
                     );
+
+                    // The residual connection, added into the output.
+                    let residual = (rand((5, 32), 49)? * 4.0)?;
+                    let want = (&residual + &want)?;
+                    let got = down.forward_swiglu_residual(&gu, &residual)?;
+                    assert_eq!(got.to_vec2::<f32>()?, want.to_vec2::<f32>()?, "{dtype:?} SwiGLU + residual");
+                    let act = (rand((5, inter), 50)? * 2.0)?;
+                    let want = (&residual + down.forward_one(&act)?)?;
+                    let got = down.forward_residual(&act, &residual)?;
+                    assert_eq!(got.to_vec2::<f32>()?, want.to_vec2::<f32>()?, "{dtype:?} + residual");
                     Ok(())
                 })?;
             }
@@ -633,6 +710,8 @@ mod tests {
             DType::F32,
         )?;
         assert!(down.forward_swiglu(&rand((2, inter), 48)?).is_err());
+        assert!(down.forward_residual(&rand((2, inter), 48)?, &rand((2, 31), 49)?).is_err());
+        assert!(down.forward_swiglu_residual(&rand((2, inter), 48)?, &rand((2, 32), 49)?).is_err());
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use tracing::trace_span;
 
 use crate::config::LlamaConfig;
 use crate::linear::{FusedLinear, RawWeight, WeightFormat};
-use crate::rope::RopeTable;
+use crate::rope::{RopeRows, RopeTable};
 
 /// Attention over the KV cache, implemented by each executor.
 pub trait AttentionBackend {
@@ -18,6 +18,41 @@ pub trait AttentionBackend {
     /// (`(T, heads, head_dim)`) to its own sequence's cached keys up to and
     /// including its position. Returns `(T, heads * head_dim)`.
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+
+    /// As [`attend`](Self::attend), from the layer's joined projections
+    /// before RoPE. The default splits them and rotates Q and K with candle;
+    /// a backend may instead rotate each key as it writes it to its cache,
+    /// so that Q and K are not copied and rotated as tensors first.
+    fn attend_qkv(&mut self, layer: usize, qkv: &LayerQkv<'_>) -> Result<Tensor> {
+        let (q, k, v) = qkv.split_rotated()?;
+        self.attend(layer, &q, &k, &v)
+    }
+}
+
+/// One layer's Q, K and V projections before RoPE, side by side as the
+/// fused projection left them, with what rotating them takes.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerQkv<'a> {
+    /// `(T, (heads + 2 * kv_heads) * head_dim)`: each token's query heads,
+    /// then its key heads, then its value heads.
+    pub joined: &'a Tensor,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope: &'a RopeRows,
+}
+
+impl LayerQkv<'_> {
+    /// Q and K rotated, and V: `(T, heads, head_dim)`, `(T, kv_heads,
+    /// head_dim)` twice, as [`AttentionBackend::attend`] takes them.
+    pub fn split_rotated(&self) -> Result<(Tensor, Tensor, Tensor)> {
+        let (t, _) = self.joined.dims2()?;
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let q = self.joined.narrow(1, 0, h * d)?.reshape((t, h, d))?;
+        let k = self.joined.narrow(1, h * d, kvh * d)?.reshape((t, kvh, d))?;
+        let v = self.joined.narrow(1, (h + kvh) * d, kvh * d)?.contiguous()?.reshape((t, kvh, d))?;
+        Ok((self.rope.apply(&q)?, self.rope.apply(&k)?, v))
+    }
 }
 
 /// One decoder layer's weights as read from a file.
@@ -179,26 +214,28 @@ impl Llama {
     }
 
     /// Runs the batch and returns `(R, vocab)` f32 logits for `logits_rows`.
-    /// The attention backend gets q, k and v in the compute dtype and
-    /// returns its result in it.
+    /// The attention backend gets each layer's joined q, k and v (before
+    /// RoPE) in the compute dtype and returns its result in it.
     pub fn forward(&self, batch: &BatchTokens, attn: &mut dyn AttentionBackend) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let t = batch.token_ids.dims1()?;
         let eps = cfg.rms_norm_eps as f32;
         let (cos, sin) = self.rope.gather(&batch.positions)?;
+        let rope = RopeRows { cos, sin, interleaved: cfg.rope_interleaved };
         let mut x = self.embed.embedding(&batch.token_ids)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let _span = trace_span!("layer", i).entered();
-            let qkv = layer.qkv.forward_normed(&x, &layer.attn_norm, eps)?;
-            let q = qkv[0].reshape((t, cfg.num_heads, cfg.head_dim))?;
-            let k = qkv[1].reshape((t, cfg.num_kv_heads, cfg.head_dim))?;
-            let v = qkv[2].contiguous()?.reshape((t, cfg.num_kv_heads, cfg.head_dim))?;
-            let q = RopeTable::apply(&q, &cos, &sin, cfg.rope_interleaved)?;
-            let k = RopeTable::apply(&k, &cos, &sin, cfg.rope_interleaved)?;
-            let a = attn.attend(i, &q, &k, &v)?;
-            x = (x + layer.o.forward_one(&a)?)?;
+            let joined = layer.qkv.forward_normed_joined(&x, &layer.attn_norm, eps)?;
+            let qkv = LayerQkv {
+                joined: &joined,
+                heads: cfg.num_heads,
+                kv_heads: cfg.num_kv_heads,
+                head_dim: cfg.head_dim,
+                rope: &rope,
+            };
+            let a = attn.attend_qkv(i, &qkv)?;
+            x = layer.o.forward_residual(&a, &x)?;
             let gate_up = layer.gate_up.forward_normed_joined(&x, &layer.ffn_norm, eps)?;
-            x = (x + layer.down.forward_swiglu(&gate_up)?)?;
+            x = layer.down.forward_swiglu_residual(&gate_up, &x)?;
         }
         let x = x.index_select(&batch.logits_rows, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;

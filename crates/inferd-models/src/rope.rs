@@ -92,6 +92,39 @@ impl RopeTable {
     }
 }
 
+/// Each token's cos and sin rows for one forward pass (two `(T, head_dim /
+/// 2)` tensors, gathered once for all layers) and the layout they rotate.
+#[derive(Debug, Clone)]
+pub struct RopeRows {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub interleaved: bool,
+}
+
+impl RopeRows {
+    /// [`RopeTable::apply`] with these rows.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        RopeTable::apply(x, &self.cos, &self.sin, self.interleaved)
+    }
+}
+
+/// Rotates one head (`x`, `head_dim` values) by one token's `cos` and `sin`
+/// rows (`head_dim / 2` each), handing each result to `put(index, value)`.
+/// The arithmetic is that of candle's `rope_i` (interleaved) and `rope_thd`
+/// (rotate-half) in f32, so a backend that rotates as it writes its cache
+/// gets the same bits as [`RopeTable::apply`].
+#[inline]
+pub fn rotate_head(x: &[f32], cos: &[f32], sin: &[f32], interleaved: bool, mut put: impl FnMut(usize, f32)) {
+    let half = x.len() / 2;
+    let (cos, sin) = (&cos[..half], &sin[..half]);
+    for i in 0..half {
+        let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+        let (x0, x1) = (x[a], x[b]);
+        put(a, x0 * cos[i] - x1 * sin[i]);
+        put(b, x0 * sin[i] + x1 * cos[i]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +194,29 @@ mod tests {
         let half = RopeTable::apply(&x, &cos, &sin, false)?.index_select(&perm, 2)?;
         let diff: f32 = (interleaved - half)?.abs()?.max_all()?.to_scalar()?;
         assert!(diff < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn rotating_a_head_gives_the_bits_candle_gives() -> Result<()> {
+        let dev = Device::Cpu;
+        let (t, heads, dim) = (5, 3, 16);
+        let table = RopeTable::new(&cfg(dim), 64, None, DType::F32, &dev)?;
+        let x = Tensor::randn(0f32, 3.0, (t, heads, dim), &dev)?;
+        let (cos, sin) = table.gather(&Tensor::new(&[0u32, 1, 17, 40, 63], &dev)?)?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let (c, s): (Vec<f32>, Vec<f32>) = (cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?);
+        for interleaved in [false, true] {
+            let want: Vec<f32> = RopeTable::apply(&x, &cos, &sin, interleaved)?.flatten_all()?.to_vec1()?;
+            let mut got = vec![f32::NAN; xs.len()];
+            for (r, (src, dst)) in xs.chunks(dim).zip(got.chunks_mut(dim)).enumerate() {
+                let tok = r / heads;
+                let rows = tok * dim / 2..(tok + 1) * dim / 2;
+                rotate_head(src, &c[rows.clone()], &s[rows], interleaved, |i, v| dst[i] = v);
+            }
+            let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "interleaved = {interleaved}: {want:?} != {got:?}");
+        }
         Ok(())
     }
 

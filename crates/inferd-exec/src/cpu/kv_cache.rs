@@ -4,6 +4,7 @@
 
 use half::{bf16, f16};
 use inferd_contract::DType;
+use inferd_models::rope::rotate_head;
 
 /// A KV cache element.
 pub(crate) trait KvElem: Copy + Default + Send + Sync + 'static {
@@ -44,6 +45,9 @@ impl KvElem for bf16 {
     }
 }
 
+/// Steps of fewer tokens write their cache on the calling thread.
+const PARALLEL_MIN_TOKENS: usize = 8;
+
 /// One layer's keys and values.
 #[derive(Debug)]
 pub(crate) struct LayerKv<T> {
@@ -69,6 +73,74 @@ impl<T: KvElem> LayerKv<T> {
             }
         }
     }
+
+    /// RoPE and the cache write in one pass over a step's joined projections
+    /// (`qkv`: each token's `heads` query heads, then its key heads, then its
+    /// value heads, `head_dim` values each): each token's query heads are
+    /// rotated into `q`, its key heads rotated into its slot, and its values
+    /// copied there. `cos` and `sin` hold each token's `head_dim / 2` rows.
+    /// Tokens are spread over the compute threads, each with its own slot's
+    /// memory; a step that names a slot twice (which the scheduler never
+    /// sends) is written in token order on this thread, the last one kept.
+    pub(crate) fn write_rotated(&mut self, qkv: &[f32], rope: RopeHost<'_>, slots: &[u32], q: &mut [f32]) {
+        let RopeHost { cos, sin, interleaved, heads, head_dim: d } = rope;
+        let tokens = slots.len();
+        let row = qkv.len() / tokens.max(1);
+        let (q_row, kv_row, half) = (heads * d, (row / d - heads) / 2 * d, d / 2);
+        let one = |t: usize, q_out: &mut [f32], k_out: &mut [T], v_out: &mut [T]| {
+            let (qs, kv) = qkv[t * row..(t + 1) * row].split_at(q_row);
+            let (ks, vs) = kv.split_at(kv_row);
+            let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+            for (x, out) in qs.chunks_exact(d).zip(q_out.chunks_exact_mut(d)) {
+                rotate_head(x, c, s, interleaved, |i, v| out[i] = v);
+            }
+            for (x, out) in ks.chunks_exact(d).zip(k_out.chunks_exact_mut(d)) {
+                rotate_head(x, c, s, interleaved, |i, v| out[i] = T::from_f32(v));
+            }
+            for (o, x) in v_out.iter_mut().zip(vs) {
+                *o = T::from_f32(*x);
+            }
+        };
+        // Each token's slot, in slot order, so the cache splits into
+        // disjoint pieces for the threads.
+        let mut order: Vec<usize> = (0..tokens).collect();
+        order.sort_unstable_by_key(|&t| slots[t]);
+        let distinct = order.windows(2).all(|w| slots[w[0]] != slots[w[1]]);
+        if tokens < PARALLEL_MIN_TOKENS || !distinct {
+            for (t, q_out) in q.chunks_exact_mut(q_row).enumerate() {
+                let dst = slots[t] as usize * kv_row..(slots[t] as usize + 1) * kv_row;
+                one(t, q_out, &mut self.k[dst.clone()], &mut self.v[dst]);
+            }
+            return;
+        }
+        let mut q_rows: Vec<Option<&mut [f32]>> = q.chunks_exact_mut(q_row).map(Some).collect();
+        let mut items = Vec::with_capacity(tokens);
+        let (mut k_rest, mut v_rest, mut at) = (&mut self.k[..], &mut self.v[..], 0);
+        for &t in &order {
+            let skip = slots[t] as usize * kv_row - at;
+            let (k_mine, k_after) = std::mem::take(&mut k_rest)[skip..].split_at_mut(kv_row);
+            let (v_mine, v_after) = std::mem::take(&mut v_rest)[skip..].split_at_mut(kv_row);
+            (k_rest, v_rest, at) = (k_after, v_after, at + skip + kv_row);
+            let q_out = q_rows[t].take().expect("one query row per token");
+            items.push((t, q_out, k_mine, v_mine));
+        }
+        let per_call = tokens.div_ceil(4 * inferd_cpu::Pool::global().threads());
+        inferd_cpu::Pool::global().for_each_chunk(&mut items, per_call, 1, |_, items| {
+            for (t, q_out, k_out, v_out) in items {
+                one(*t, q_out, k_out, v_out);
+            }
+        });
+    }
+}
+
+/// One step's RoPE rows on the host, and the query heads' shape.
+#[derive(Clone, Copy)]
+pub(crate) struct RopeHost<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub interleaved: bool,
+    pub heads: usize,
+    pub head_dim: usize,
 }
 
 /// Every layer's cache, in one element type.
@@ -101,4 +173,39 @@ pub fn block_bytes(
     dtype: DType,
 ) -> usize {
     layers * 2 * block_size * kv_heads * head_dim * dtype.size_in_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each token's values land in its own slot whether the tokens are
+    /// spread over the threads (distinct slots) or written in order on the
+    /// caller's (a slot named twice keeps the later token's).
+    #[test]
+    fn every_token_writes_its_own_slot_and_a_repeated_slot_keeps_the_last() {
+        let (heads, kv_heads, d) = (2, 1, 4);
+        let row = (heads + 2 * kv_heads) * d;
+        let tokens = 12;
+        // Position 0 for every token: cos 1, sin 0 leaves values as they are.
+        let (cos, sin) = (vec![1f32; tokens * d / 2], vec![0f32; tokens * d / 2]);
+        let rope = RopeHost { cos: &cos, sin: &sin, interleaved: false, heads, head_dim: d };
+        let qkv: Vec<f32> = (0..tokens * row).map(|i| i as f32).collect();
+        let value = |t: usize| qkv[t * row + (heads + kv_heads) * d];
+        let key = |t: usize| qkv[t * row + heads * d];
+        for slots in [
+            (0..tokens as u32).rev().map(|s| s * 3).collect::<Vec<_>>(),
+            vec![4, 9, 4, 1, 2, 3, 5, 6, 7, 8, 10, 11],
+        ] {
+            let mut kv = LayerKv::<f32>::new(40 * kv_heads * d);
+            let mut q = vec![f32::NAN; tokens * heads * d];
+            kv.write_rotated(&qkv, rope, &slots, &mut q);
+            for (t, &slot) in slots.iter().enumerate() {
+                let last = slots.iter().rposition(|&s| s == slot).unwrap();
+                let at = slot as usize * kv_heads * d;
+                assert_eq!((kv.k[at], kv.v[at]), (key(last), value(last)), "token {t} in slot {slot}");
+                assert_eq!(q[t * heads * d..(t + 1) * heads * d], qkv[t * row..t * row + heads * d]);
+            }
+        }
+    }
 }
