@@ -79,10 +79,18 @@ impl<T: KvElem> LayerKv<T> {
     /// value heads, `head_dim` values each): each token's query heads are
     /// rotated into `q`, its key heads rotated into its slot, and its values
     /// copied there. `cos` and `sin` hold each token's `head_dim / 2` rows.
-    /// Tokens are spread over the compute threads, each with its own slot's
-    /// memory; a step that names a slot twice (which the scheduler never
-    /// sends) is written in token order on this thread, the last one kept.
-    pub(crate) fn write_rotated(&mut self, qkv: &[f32], rope: RopeHost<'_>, slots: &[u32], q: &mut [f32]) {
+    /// With `order` (the step's [`parallel_slot_order`]) tokens are spread
+    /// over the compute threads, each with its own slot's memory; without
+    /// it they are written in token order on this thread (a slot named
+    /// twice, which the scheduler never sends, keeps the last token's).
+    pub(crate) fn write_rotated(
+        &mut self,
+        qkv: &[f32],
+        rope: RopeHost<'_>,
+        slots: &[u32],
+        order: Option<&[usize]>,
+        q: &mut [f32],
+    ) {
         let RopeHost { cos, sin, interleaved, heads, head_dim: d } = rope;
         let tokens = slots.len();
         let row = qkv.len() / tokens.max(1);
@@ -101,22 +109,17 @@ impl<T: KvElem> LayerKv<T> {
                 *o = T::from_f32(*x);
             }
         };
-        // Each token's slot, in slot order, so the cache splits into
-        // disjoint pieces for the threads.
-        let mut order: Vec<usize> = (0..tokens).collect();
-        order.sort_unstable_by_key(|&t| slots[t]);
-        let distinct = order.windows(2).all(|w| slots[w[0]] != slots[w[1]]);
-        if tokens < PARALLEL_MIN_TOKENS || !distinct {
+        let Some(order) = order else {
             for (t, q_out) in q.chunks_exact_mut(q_row).enumerate() {
                 let dst = slots[t] as usize * kv_row..(slots[t] as usize + 1) * kv_row;
                 one(t, q_out, &mut self.k[dst.clone()], &mut self.v[dst]);
             }
             return;
-        }
+        };
         let mut q_rows: Vec<Option<&mut [f32]>> = q.chunks_exact_mut(q_row).map(Some).collect();
         let mut items = Vec::with_capacity(tokens);
         let (mut k_rest, mut v_rest, mut at) = (&mut self.k[..], &mut self.v[..], 0);
-        for &t in &order {
+        for &t in order {
             let skip = slots[t] as usize * kv_row - at;
             let (k_mine, k_after) = std::mem::take(&mut k_rest)[skip..].split_at_mut(kv_row);
             let (v_mine, v_after) = std::mem::take(&mut v_rest)[skip..].split_at_mut(kv_row);
@@ -131,6 +134,19 @@ impl<T: KvElem> LayerKv<T> {
             }
         });
     }
+}
+
+/// A step's tokens in the order of their KV slots, when every slot is
+/// distinct and there are enough tokens to spread the cache writes over the
+/// compute threads: taken once per step, the cache then splits into
+/// disjoint pieces for the threads in every layer.
+pub(crate) fn parallel_slot_order(slots: &[u32]) -> Option<Vec<usize>> {
+    if slots.len() < PARALLEL_MIN_TOKENS {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..slots.len()).collect();
+    order.sort_unstable_by_key(|&t| slots[t]);
+    order.windows(2).all(|w| slots[w[0]] != slots[w[1]]).then_some(order)
 }
 
 /// One step's RoPE rows on the host, and the query heads' shape.
@@ -199,7 +215,7 @@ mod tests {
         ] {
             let mut kv = LayerKv::<f32>::new(40 * kv_heads * d);
             let mut q = vec![f32::NAN; tokens * heads * d];
-            kv.write_rotated(&qkv, rope, &slots, &mut q);
+            kv.write_rotated(&qkv, rope, &slots, parallel_slot_order(&slots).as_deref(), &mut q);
             for (t, &slot) in slots.iter().enumerate() {
                 let last = slots.iter().rposition(|&s| s == slot).unwrap();
                 let at = slot as usize * kv_heads * d;

@@ -15,7 +15,7 @@ use inferd_models::{AttentionBackend, BatchTokens, LayerQkv, Llama};
 pub use attention::MAX_BLOCK_SIZE;
 use attention::{AttnShape, paged_attention};
 pub use kv_cache::block_bytes;
-use kv_cache::{KvCache, RopeHost};
+use kv_cache::{KvCache, RopeHost, parallel_slot_order};
 
 use crate::{backend_err, contract_dtype, kv_blocks_in};
 
@@ -105,6 +105,8 @@ struct CpuAttention<'a> {
     shape: AttnShape,
     /// The step's RoPE rows on the host, taken at the first layer.
     rope: Option<(Vec<f32>, Vec<f32>)>,
+    /// The step's [`parallel_slot_order`], for every layer's cache write.
+    slot_order: Option<Vec<usize>>,
 }
 
 impl<'a> CpuAttention<'a> {
@@ -113,7 +115,8 @@ impl<'a> CpuAttention<'a> {
         for s in 0..input.num_seqs() {
             token_seq[input.query_range(s)].fill(s as u32);
         }
-        CpuAttention { cache, input, token_seq, shape, rope: None }
+        let slot_order = parallel_slot_order(&input.slot_mapping);
+        CpuAttention { cache, input, token_seq, shape, rope: None, slot_order }
     }
 }
 
@@ -177,17 +180,18 @@ impl AttentionBackend for CpuAttention<'_> {
         let x = &cpu.as_slice::<f32>()?[layout.start_offset()..][..t * width];
         let mut q = vec![0f32; t * shape.heads * shape.head_dim];
         let (input, seqs, slots) = (self.input, &self.token_seq, &self.input.slot_mapping);
+        let order = self.slot_order.as_deref();
         let out = match self.cache {
             KvCache::F32(layers) => {
-                layers[layer].write_rotated(x, rope, slots, &mut q);
+                layers[layer].write_rotated(x, rope, slots, order, &mut q);
                 paged_attention(&layers[layer], &q, input, seqs, shape)
             }
             KvCache::F16(layers) => {
-                layers[layer].write_rotated(x, rope, slots, &mut q);
+                layers[layer].write_rotated(x, rope, slots, order, &mut q);
                 paged_attention(&layers[layer], &q, input, seqs, shape)
             }
             KvCache::BF16(layers) => {
-                layers[layer].write_rotated(x, rope, slots, &mut q);
+                layers[layer].write_rotated(x, rope, slots, order, &mut q);
                 paged_attention(&layers[layer], &q, input, seqs, shape)
             }
         };
